@@ -1,0 +1,398 @@
+"""Run one campaign step: list -> recipient -> ledger row -> message -> transport -> ledger.
+
+Every message is rendered before the first is sent (``prepare``); then the
+list is recorded in the ledger and the rows that are due flow through a
+pipeline: render, rate limit, claim (``sending``, durable), deliver, record.
+All ledger work runs on one thread, so commits are grouped and the event
+loop keeps the SMTP sessions busy while SQLite flushes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from appeal_mailer.config import Settings
+from appeal_mailer.errors import ServerError
+from appeal_mailer.ledger import Ledger, timestamp
+from appeal_mailer.lists import read_recipients
+from appeal_mailer.mime import MessageBuilder
+from appeal_mailer.models import DeliveryResult, Envelope, Recipient, SkippedRow, State
+from appeal_mailer.render import Renderer
+from appeal_mailer.transport import Transport
+
+T = TypeVar("T")
+# Reports keep the first rows of each kind in full; the rest are counted.
+REPORT_ROWS = 1000
+# This many messages in a row that could not even reach the server: stop the run.
+_UNREACHABLE_STREAK = 10
+# Claims are grouped: one commit marks up to this many rows `sending`.
+_CLAIM_BATCH = 64
+
+
+class Progress(Protocol):
+    """Where a run reports progress: a progress bar in a terminal, log lines elsewhere."""
+
+    def start(self, total: int) -> None: ...
+
+    def advance(self, result: DeliveryResult) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+@dataclass
+class Preflight:
+    """The list read and every message rendered: what a run is about to do."""
+
+    list_path: Path
+    valid: int = 0
+    skipped: list[SkippedRow] = field(default_factory=list)
+    skipped_count: int = 0
+    sample: bytes | None = None
+    sample_recipient: Recipient | None = None
+
+
+@dataclass
+class RunReport:
+    """What one run did, for the summary, the exit status and the ledger's run log."""
+
+    campaign: str
+    step: str
+    dry_run: bool
+    preflight: Preflight
+    recovered_unknown: int = 0
+    new_rows: int = 0
+    due: int = 0
+    sent: int = 0
+    suppressed: int = 0
+    failed: list[DeliveryResult] = field(default_factory=list)
+    deferred: list[DeliveryResult] = field(default_factory=list)
+    unknown: list[DeliveryResult] = field(default_factory=list)
+    released: int = 0
+    stopped: str | None = None
+    counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def trouble(self) -> bool:
+        """Some message failed, is deferred or unknown, or the run stopped early."""
+        settled = {State.FAILED.value, State.DEFERRED.value, State.UNKNOWN.value}
+        return self.stopped is not None or any(self.counts.get(s, 0) for s in settled)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "dry_run": self.dry_run,
+            "list": str(self.preflight.list_path),
+            "valid": self.preflight.valid,
+            "skipped": self.preflight.skipped_count,
+            "due": self.due,
+            "sent": self.sent,
+            "failed": len(self.failed),
+            "deferred": len(self.deferred),
+            "unknown": len(self.unknown),
+            "suppressed": self.suppressed,
+            "stopped": self.stopped,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class _Job:
+    envelope: Envelope
+    attempts_before: int
+
+
+class CampaignRun:
+    """One `send` of one campaign step, from a list, through one transport."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        ledger: Ledger,
+        transport: Transport,
+        *,
+        template: str,
+        list_path: Path,
+        dry_run: bool = False,
+        limit: int | None = None,
+        now: datetime | None = None,
+    ) -> None:
+        self.settings = settings
+        self.ledger = ledger
+        self.transport = transport
+        self.step = template
+        self.list_path = list_path
+        self.dry_run = dry_run
+        self.limit = limit
+        self.now = now or datetime.now(UTC)
+        campaign = settings.campaign
+        unsubscribe_key = campaign.unsubscribe_key
+        self.builder = MessageBuilder(
+            campaign,
+            unsubscribe_key=unsubscribe_key.get_secret_value().encode()
+            if unsubscribe_key
+            else None,
+        )
+        sender_name, sender_address = campaign.sender
+        list_name, list_id = campaign.list_id_parts
+        self.renderer = Renderer(
+            campaign.templates,
+            template,
+            campaign={
+                "id": campaign.id,
+                "name": list_name,
+                "list_id": list_id,
+                "timezone": campaign.timezone,
+                "context": campaign.context,
+            },
+            sender={"name": sender_name, "address": sender_address},
+            default_timezone=campaign.timezone,
+            now=self.now,
+        )
+        self._sender_address = sender_address
+        self._stop = asyncio.Event()
+        self._stop_reason: str | None = None
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="ledger")
+
+    # -- before anything is sent -------------------------------------------------
+
+    def prepare(self) -> Preflight:
+        """Read the whole list and render every message; raise on the first that cannot be.
+
+        Nothing is written and nothing is sent: a variable missing for one
+        subscriber stops here, naming that subscriber's line.
+        """
+        preflight = Preflight(list_path=self.list_path)
+        for item in read_recipients(self.list_path):
+            if isinstance(item, SkippedRow):
+                preflight.skipped_count += 1
+                if len(preflight.skipped) < REPORT_ROWS:
+                    preflight.skipped.append(item)
+                continue
+            data = self.wire_bytes(item)
+            if preflight.sample is None:
+                preflight.sample, preflight.sample_recipient = data, item
+            preflight.valid += 1
+        return preflight
+
+    def wire_bytes(self, recipient: Recipient) -> bytes:
+        message = self.renderer.render(
+            recipient,
+            unsubscribe_url=self.builder.unsubscribe_urls(recipient.email)[0],
+            step=self.step,
+        )
+        return self.builder.build(
+            message,
+            message_id=self.builder.message_id(self.step, recipient.email),
+            date=datetime.now(UTC),
+        )
+
+    def stop(self, reason: str) -> None:
+        """Stop taking new messages; those in flight finish and are recorded."""
+        if self._stop_reason is None:
+            self._stop_reason = reason
+        self._stop.set()
+
+    # -- the run --------------------------------------------------------------------
+
+    async def run(self, preflight: Preflight, progress: Progress | None = None) -> RunReport:
+        """Record the list in the ledger and deliver every due message."""
+        campaign = self.settings.campaign.id
+        report = RunReport(campaign, self.step, self.dry_run, preflight)
+        command = "send --dry-run" if self.dry_run else "send"
+        run_id = await self._db(self.ledger.start_run, campaign, self.step, command)
+        report.recovered_unknown = await self._db(
+            self.ledger.recover_interrupted, campaign, self.step
+        )
+        report.new_rows = await self._db(
+            self.ledger.load, campaign, self.step, run_id, self._recipients_with_ids()
+        )
+        try:
+            await self._deliver(run_id, report, progress)
+        finally:
+            report.stopped = self._stop_reason
+            report.counts = await self._db(self.ledger.counts, campaign, self.step)
+            await self._db(self.ledger.finish_run, run_id, report.summary())
+            self._executor.shutdown(wait=True)
+        return report
+
+    def _recipients_with_ids(self) -> Iterator[tuple[Recipient, str]]:
+        for item in read_recipients(self.list_path):
+            if isinstance(item, Recipient):
+                yield item, self.builder.message_id(self.step, item.email)
+
+    async def _deliver(self, run_id: int, report: RunReport, progress: Progress | None) -> None:
+        campaign = self.settings.campaign.id
+        connections = 1 if self.dry_run else self.settings.smtp.connections
+        report.due = await self._db(self.ledger.count_due, campaign, self.step, run_id, self.now)
+        todo = report.due if self.limit is None else min(report.due, self.limit)
+        if progress is not None:
+            progress.start(todo)
+        feed: asyncio.Queue[_Job | None] = asyncio.Queue(maxsize=_CLAIM_BATCH * 2)
+        ready: asyncio.Queue[_Job | None] = asyncio.Queue()
+        results: asyncio.Queue[DeliveryResult | None] = asyncio.Queue()
+        unsent: list[int] = []
+
+        async def produce() -> None:
+            produced, after = 0, 0
+            try:
+                while produced < todo and not self._stop.is_set():
+                    page = await self._db(
+                        self.ledger.due_page, campaign, self.step, run_id, self.now, after
+                    )
+                    if not page:
+                        break
+                    for due in page[: todo - produced]:
+                        if self._stop.is_set():
+                            break
+                        envelope = Envelope(
+                            due.row_id,
+                            self._sender_address,
+                            due.recipient.email,
+                            due.message_id,
+                            self.wire_bytes(due.recipient),
+                        )
+                        await feed.put(_Job(envelope, due.attempts))
+                        produced += 1
+                    after = page[-1].row_id
+            finally:
+                await feed.put(None)
+
+        async def claim() -> None:
+            done = False
+            while not done:
+                first = await feed.get()
+                batch: list[_Job] = []
+                if first is None:
+                    done = True
+                else:
+                    batch.append(first)
+                while not done and len(batch) < _CLAIM_BATCH and not feed.empty():
+                    job = feed.get_nowait()
+                    if job is None:
+                        done = True
+                    else:
+                        batch.append(job)
+                if not batch:
+                    continue
+                ids = [job.envelope.row_id for job in batch]
+                claimed, suppressed = await self._db(self.ledger.claim, ids, run_id)
+                claimed_set, suppressed_set = set(claimed), set(suppressed)
+                for job in batch:
+                    if job.envelope.row_id in claimed_set:
+                        await ready.put(job)
+                    elif job.envelope.row_id in suppressed_set:
+                        report.suppressed += 1
+                        if progress is not None:
+                            progress.advance(_suppressed(job.envelope))
+            for _ in range(connections):
+                await ready.put(None)
+
+        async def deliver() -> None:
+            while (job := await ready.get()) is not None:
+                if self._stop.is_set():
+                    unsent.append(job.envelope.row_id)
+                    continue
+                allowed = min(
+                    self.settings.sending.attempts_per_run,
+                    self.settings.sending.max_attempts - job.attempts_before,
+                )
+                try:
+                    result = await self.transport.send(job.envelope, attempts_allowed=allowed)
+                except ServerError as exc:
+                    self.stop(str(exc))
+                    unsent.append(job.envelope.row_id)
+                    continue
+                await results.put(self._settle(result, job.attempts_before))
+
+        async def record() -> None:
+            streak = 0
+            done = False
+            while not done:
+                batch: list[DeliveryResult] = []
+                item = await results.get()
+                while item is not None:
+                    batch.append(item)
+                    if results.empty():
+                        break
+                    item = results.get_nowait()
+                done = item is None
+                if not batch:
+                    continue
+                await self._db(self.ledger.record, batch, self._next_attempts(batch))
+                for result in batch:
+                    streak = streak + 1 if _unreachable(result) else 0
+                    self._count(report, result)
+                    if progress is not None:
+                        progress.advance(result)
+                if streak >= _UNREACHABLE_STREAK:
+                    self.stop(f"{streak} messages in a row could not reach the server")
+
+        await self.transport.open()
+        try:
+            workers = [asyncio.create_task(deliver()) for _ in range(connections)]
+            recorder = asyncio.create_task(record())
+            await asyncio.gather(produce(), claim(), *workers)
+            await results.put(None)
+            await recorder
+        finally:
+            with contextlib.suppress(Exception):
+                await self.transport.close()
+            if unsent:
+                await self._db(self.ledger.release, unsent)
+                report.released = len(unsent)
+            if progress is not None:
+                progress.finish()
+
+    def _settle(self, result: DeliveryResult, attempts_before: int) -> DeliveryResult:
+        """A deferral that used up `max_attempts` is a failure."""
+        total = attempts_before + result.attempts
+        if result.state is State.DEFERRED and total >= self.settings.sending.max_attempts:
+            return DeliveryResult(
+                row_id=result.row_id,
+                recipient=result.recipient,
+                state=State.FAILED,
+                attempts=result.attempts,
+                code=result.code,
+                reply=f"gave up after {total} attempts: {result.reply}",
+            )
+        return result
+
+    def _next_attempts(self, results: list[DeliveryResult]) -> dict[int, str]:
+        sending = self.settings.sending
+        next_at = {}
+        for result in results:
+            if result.state is State.DEFERRED:
+                delay = min(sending.retry_backoff * 2**result.attempts, sending.retry_max_delay)
+                next_at[result.row_id] = timestamp(datetime.now(UTC) + timedelta(seconds=delay))
+        return next_at
+
+    @staticmethod
+    def _count(report: RunReport, result: DeliveryResult) -> None:
+        if result.state is State.SENT:
+            report.sent += 1
+            return
+        bucket = {
+            State.FAILED: report.failed,
+            State.DEFERRED: report.deferred,
+            State.UNKNOWN: report.unknown,
+        }[result.state]
+        if len(bucket) < REPORT_ROWS:
+            bucket.append(result)
+
+    async def _db(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+
+def _unreachable(result: DeliveryResult) -> bool:
+    return result.state is State.DEFERRED and result.code is None
+
+
+def _suppressed(envelope: Envelope) -> DeliveryResult:
+    return DeliveryResult(
+        row_id=envelope.row_id, recipient=envelope.recipient, state=State.SUPPRESSED, attempts=0
+    )

@@ -1,0 +1,342 @@
+"""The command line: parse options, wire the parts, turn errors into messages and exit codes.
+
+Exit status (DESIGN.md): 0 every message sent (or rendered, in a dry run);
+1 stopped before sending anything; 2 usage; 3 finished, but some messages
+failed or are still deferred or unknown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from appeal_mailer import __version__
+from appeal_mailer.errors import AppealMailerError, ConfigError
+
+EXIT_OK, EXIT_STOPPED, EXIT_USAGE, EXIT_TROUBLE = 0, 1, 2, 3
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+log = logging.getLogger("appeal_mailer")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class _Context:
+    def __init__(self, config: Path | None, verbosity: int) -> None:
+        self.config = config
+        self.verbosity = verbosity
+
+    def settings(self, campaign: str | None = None) -> Any:
+        from appeal_mailer.config import config_path, load_settings  # noqa: PLC0415  # fast --help
+
+        settings = load_settings(config_path(self.config))
+        if campaign is not None:
+            settings = settings.model_copy(
+                update={"campaign": settings.campaign.model_copy(update={"id": campaign})}
+            )
+        return settings
+
+
+def _name(_ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is not None and not NAME_RE.match(value):
+        raise click.BadParameter(
+            "letters, digits, '.', '_' and '-' only (it goes into Message-IDs)", param=param
+        )
+    return value
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="appeal-mailer")
+@click.option(
+    "--config",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Config file [default: $APPEAL_MAILER_CONFIG, else ./config.toml].",
+)
+@click.option("-v", "--verbose", count=True, help="Say more (repeat for each message).")
+@click.option("-q", "--quiet", is_flag=True, help="Only problems and the final summary.")
+@click.pass_context
+def main(ctx: click.Context, config: Path | None, verbose: int, quiet: bool) -> None:
+    """Send campaign appeals to a mailing list through your own SMTP server."""
+    verbosity = -1 if quiet else verbose
+    level = {-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG)
+    logging.basicConfig(level=level, format="%(levelname)s: %(message)s", stream=sys.stderr)
+    ctx.obj = _Context(config, verbosity)
+
+
+def _reported(fn: F) -> F:
+    """Run a command, turning our errors into a message, a hint and exit status 1."""
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except AppealMailerError as exc:
+            click.secho(f"error: {exc}", err=True, fg="red")
+            if exc.hint:
+                click.echo(f"hint: {exc.hint}", err=True)
+            sys.exit(EXIT_STOPPED)
+
+    wrapper.__name__ = fn.__name__
+    wrapper.__doc__ = fn.__doc__
+    return wrapper  # type: ignore[return-value]  # same signature as fn
+
+
+@main.command()
+@click.argument("list_path", metavar="LIST", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--template", callback=_name, help="Template to send [default: from config].")
+@click.option("--campaign", callback=_name, help="Campaign ID [default: from config].")
+@click.option("--dry-run", is_flag=True, help="Render every message into --out; send nothing.")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where a dry run writes its .eml files [default: ./preview].",
+)
+@click.option("--limit", type=click.IntRange(min=1), help="Send at most N messages this run.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask before sending (cron, scripts).")
+@click.pass_obj
+@_reported
+def send(  # noqa: PLR0917  # click passes each option as an argument
+    obj: _Context,
+    list_path: Path,
+    template: str | None,
+    campaign: str | None,
+    dry_run: bool,
+    out: Path | None,
+    limit: int | None,
+    yes: bool,
+) -> None:
+    """Send (or with --dry-run, render) the campaign to every subscriber on LIST.
+
+    Running it again for the same campaign sends only what was not sent yet.
+    """
+    from appeal_mailer import report  # noqa: PLC0415  # keep --help fast
+    from appeal_mailer.campaign import CampaignRun  # noqa: PLC0415
+    from appeal_mailer.ledger import Ledger  # noqa: PLC0415
+    from appeal_mailer.ratelimit import RateLimiter  # noqa: PLC0415
+    from appeal_mailer.transport import DryRunTransport, SMTPTransport, Transport  # noqa: PLC0415
+
+    if out is not None and not dry_run:
+        raise click.UsageError("--out is only for --dry-run")
+    settings = obj.settings(campaign)
+    template = template or settings.campaign.template
+    transport: Transport
+    if dry_run:
+        out = out or Path("preview")
+        _clear_preview(out)
+        transport = DryRunTransport(out)
+    else:
+        limiter = RateLimiter(settings.sending.rate, dict(settings.sending.domain_limits))
+        transport = SMTPTransport(settings.smtp, settings.sending, limiter)
+    ledger = Ledger.open(settings.ledger_url, scratch_copy=dry_run)
+    try:
+        run = CampaignRun(
+            settings,
+            ledger,
+            transport,
+            template=template,
+            list_path=list_path,
+            dry_run=dry_run,
+            limit=limit,
+        )
+        preflight = run.prepare()
+        if preflight.valid == 0:
+            click.echo(report.nothing_to_send(preflight), err=True)
+            sys.exit(EXIT_STOPPED)
+        if not dry_run and not yes:
+            if not sys.stdin.isatty():
+                raise click.UsageError(
+                    "not a terminal, so cannot ask before sending: pass --yes to send"
+                )
+            already = ledger.counts(settings.campaign.id, template).get("sent", 0)
+            click.echo(
+                report.plan(
+                    preflight,
+                    campaign=settings.campaign.id,
+                    template=template,
+                    server=transport.description,
+                    rate=settings.sending.rate,
+                    already_sent=already,
+                    limit=limit,
+                )
+            )
+            if not click.confirm("\nSend now?", default=False):
+                click.echo("Nothing sent.")
+                sys.exit(EXIT_STOPPED)
+        progress = _progress(obj)
+        result = asyncio.run(_run_with_signals(run, preflight, progress))
+    finally:
+        ledger.close()
+    text = report.summary(result)
+    if dry_run and out is not None:
+        (out / "summary.txt").write_text(text + "\n", encoding="utf-8")
+        text += f"\nPreview: {out}/ (one .eml per message, index.csv, summary.txt)"
+    click.echo(text)
+    sys.exit(EXIT_TROUBLE if result.trouble else EXIT_OK)
+
+
+@main.command()
+@click.argument(
+    "list_path", metavar="[LIST]", required=False, type=click.Path(dir_okay=False, path_type=Path)
+)
+@click.option("--campaign", callback=_name, help="Campaign ID [default: from config].")
+@click.option("--no-smtp", is_flag=True, help="Skip the SMTP handshake.")
+@click.pass_obj
+@_reported
+def check(obj: _Context, list_path: Path | None, campaign: str | None, no_smtp: bool) -> None:
+    """Check the config, render every template for every row of LIST, and try the SMTP server.
+
+    Sends nothing and writes nothing.
+    """
+    from appeal_mailer.campaign import CampaignRun  # noqa: PLC0415  # keep --help fast
+    from appeal_mailer.ledger import Ledger  # noqa: PLC0415
+    from appeal_mailer.ratelimit import RateLimiter  # noqa: PLC0415
+    from appeal_mailer.render import TEXT_SUFFIX  # noqa: PLC0415
+    from appeal_mailer.transport import DryRunTransport, SMTPTransport  # noqa: PLC0415
+
+    settings = obj.settings(campaign)
+    click.echo(f"config {settings.source}: ok (campaign {settings.campaign.id})")
+    templates = sorted(
+        path.name.removesuffix(TEXT_SUFFIX)
+        for path in settings.campaign.templates.glob("*" + TEXT_SUFFIX)
+        if not path.name.startswith("_")
+    )
+    if not templates:
+        raise ConfigError(
+            f"no templates (NAME{TEXT_SUFFIX}) in {settings.campaign.templates}",
+            path=settings.source,
+            key="[campaign] templates",
+        )
+    ledger = Ledger.open("sqlite://", scratch_copy=False)
+    try:
+        for name in templates:
+            run = CampaignRun(
+                settings,
+                ledger,
+                DryRunTransport(Path()),
+                template=name,
+                list_path=list_path or Path(),
+            )
+            if list_path is None:
+                click.echo(f"template {name}: loads")
+                continue
+            preflight = run.prepare()
+            click.echo(
+                f"template {name}: rendered for all {preflight.valid} recipients of {list_path}"
+                + (f" ({preflight.skipped_count} rows skipped)" if preflight.skipped_count else "")
+            )
+        if list_path is not None and preflight.skipped:
+            for row in preflight.skipped:
+                click.echo(f"  skipped {list_path}: {row}")
+    finally:
+        ledger.close()
+    if no_smtp:
+        return
+    limiter = RateLimiter(0, {})
+    transport = SMTPTransport(settings.smtp, settings.sending, limiter)
+    for line in asyncio.run(transport.handshake()):
+        click.echo(f"smtp: {line}")
+    click.echo("all checks passed; nothing was sent")
+
+
+@main.command()
+@click.option("--campaign", callback=_name, help="Campaign ID [default: from config].")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "json", "csv"]),
+    default="table",
+    show_default=True,
+)
+@click.pass_obj
+@_reported
+def status(obj: _Context, campaign: str | None, fmt: str) -> None:
+    """Show the ledger: how many messages are in each state, and which need attention."""
+    from appeal_mailer import report  # noqa: PLC0415  # keep --help fast
+    from appeal_mailer.ledger import Ledger  # noqa: PLC0415
+
+    settings = obj.settings(campaign)
+    name = settings.campaign.id
+    ledger = Ledger.open(settings.ledger_url)
+    try:
+        counts = ledger.counts(name)
+        if fmt == "json":
+            report.write_status_json(sys.stdout, name, counts, ledger.rows(name))
+        elif fmt == "csv":
+            report.write_status_csv(sys.stdout, ledger.rows(name))
+        else:
+            problems = ledger.rows(name, states=("failed", "deferred", "unknown"))
+            click.echo(report.status_table(name, counts, problems))
+    finally:
+        ledger.close()
+
+
+@main.command()
+@click.argument("directory", metavar="[DIR]", default=".", type=click.Path(path_type=Path))
+@_reported
+def init(directory: Path) -> None:
+    """Write a small working example into DIR: config.toml, templates/, lists/."""
+    skeleton = resources.files("appeal_mailer") / "skeleton"
+    written = []
+    for source, relative in _walk(skeleton):
+        target = directory / relative
+        if target.exists():
+            click.echo(f"kept {target} (already there)")
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(source.read_bytes())
+        written.append(target)
+    for path in written:
+        click.echo(f"wrote {path}")
+    config = directory / "config.toml"
+    click.echo(
+        "\nNext: edit the [campaign] and [smtp] sections of "
+        f"{config}, then preview:\n"
+        f"  appeal-mailer --config {config} send {directory / 'lists' / 'example.csv'} "
+        "--dry-run --out preview"
+    )
+
+
+def _walk(folder: Any, prefix: Path = Path()) -> Iterator[tuple[Any, Path]]:
+    for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+        if entry.name.startswith("__"):
+            continue
+        if entry.is_dir():
+            yield from _walk(entry, prefix / entry.name)
+        else:
+            yield entry, prefix / entry.name
+
+
+async def _run_with_signals(run: Any, preflight: Any, progress: Any) -> Any:
+    # Ctrl-C or a TERM from cron/systemd: stop taking new messages, finish and
+    # record those in flight, then report. A second Ctrl-C is not needed.
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, run.stop, f"interrupted by {signal.Signals(sig).name}")
+    return await run.run(preflight, progress)
+
+
+def _progress(obj: _Context) -> Any:
+    from appeal_mailer.progress import BarProgress, LogProgress  # noqa: PLC0415  # fast --help
+
+    if sys.stderr.isatty() and obj.verbosity >= 0:
+        return BarProgress(sys.stderr)
+    return LogProgress()
+
+
+def _clear_preview(out: Path) -> None:
+    # Only what an earlier dry run wrote, so an old preview does not mix with this one.
+    if not out.is_dir():
+        return
+    for path in out.glob("[0-9]*-*.eml"):
+        path.unlink()
+    for name in ("index.csv", "summary.txt"):
+        with contextlib.suppress(FileNotFoundError):
+            (out / name).unlink()

@@ -1,0 +1,333 @@
+"""Settings: the TOML file plus environment overrides, validated once at the edge.
+
+After ``load_settings()`` returns, every value is checked and every relative
+path is resolved against the config file's folder (cron runs from anywhere),
+so no other module re-checks settings.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from email_validator import EmailNotValidError, validate_email
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    NestedSecretsSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from appeal_mailer.errors import ConfigError
+
+ENV_PREFIX = "APPEAL_MAILER_"
+CONFIG_ENV = "APPEAL_MAILER_CONFIG"
+SECRETS_DIR_ENV = "APPEAL_MAILER_SECRETS_DIR"
+DEFAULT_CONFIG = Path("config.toml")
+
+# Campaign and step names go into Message-IDs and List-Id, so they must be
+# dot-atom text (RFC 5322 3.2.3) and safe in file names.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+DEFAULT_PORTS = {"starttls": 587, "tls": 465, "none": 25}
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SmtpSettings(_Section):
+    host: str = "localhost"
+    # Absent: 587 for starttls, 465 for tls, 25 for none (filled in by _default_port).
+    port: int = Field(default=0, ge=1, le=65535)
+    security: Literal["starttls", "tls", "none"] = "starttls"
+    username: str = ""
+    password: SecretStr | None = None
+    timeout: float = Field(default=30.0, gt=0)
+    connections: int = Field(default=4, ge=1, le=64)
+    local_hostname: str | None = None
+    ca_file: Path | None = None
+    verify_tls: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_port(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not data.get("port"):
+            security = data.get("security", "starttls")
+            return {**data, "port": DEFAULT_PORTS.get(security, 587)}
+        return data
+
+    @model_validator(mode="after")
+    def _check_security(self) -> SmtpSettings:
+        if self.security == "none":
+            if not _is_loopback(self.host):
+                raise ValueError(
+                    f"security = 'none' is only allowed to a loopback host, not {self.host!r}; "
+                    "use 'starttls' (port 587) or 'tls' (port 465)"
+                )
+            if self.username:
+                raise ValueError("username is set but security = 'none': never AUTH without TLS")
+        if self.username and self.password is None:
+            raise ValueError(
+                "username is set but no password: set APPEAL_MAILER_SMTP__PASSWORD "
+                "or put it in the secrets directory as smtp__password"
+            )
+        return self
+
+
+class SendingSettings(_Section):
+    rate: float = Field(default=5.0, ge=0, description="messages per second, 0 = unlimited")
+    max_attempts: int = Field(default=8, ge=1, le=100)
+    attempts_per_run: int = Field(default=3, ge=1, le=100)
+    retry_backoff: float = Field(default=1.0, ge=0)
+    retry_max_delay: float = Field(default=600.0, ge=0)
+    domain_limits: dict[str, Annotated[float, Field(gt=0)]] = Field(default_factory=dict)
+
+    @field_validator("domain_limits")
+    @classmethod
+    def _lowercase_domains(cls, value: dict[str, float]) -> dict[str, float]:
+        return {domain.strip().lower().rstrip("."): rate for domain, rate in value.items()}
+
+
+class CampaignSettings(_Section):
+    id: str = Field(pattern=NAME_PATTERN)
+    from_: str = Field(alias="from")
+    reply_to: str | None = None
+    list_id: str
+    template: str = Field(default="appeal", pattern=NAME_PATTERN)
+    templates: Path = Path("templates")
+    timezone: str = "UTC"
+    language: str = "en"
+    unsubscribe_mailto: str | None = None
+    unsubscribe_url: str | None = None
+    unsubscribe_key: SecretStr | None = None
+    context: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def sender(self) -> tuple[str, str]:
+        """The From display name (maybe empty) and normalized address."""
+        return _parse_mailbox(self.from_, "from")
+
+    @property
+    def reply_to_mailbox(self) -> tuple[str, str] | None:
+        return None if self.reply_to is None else _parse_mailbox(self.reply_to, "reply_to")
+
+    @property
+    def list_id_parts(self) -> tuple[str, str]:
+        """The List-Id phrase (maybe empty) and its dot-atom identifier."""
+        return _parse_list_id(self.list_id)
+
+    @model_validator(mode="after")
+    def _check_campaign(self) -> CampaignSettings:
+        # Parse once here so that a bad value is reported at load time.
+        _ = self.sender, self.reply_to_mailbox, self.list_id_parts
+        try:
+            ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"timezone {self.timezone!r} is not an IANA time zone") from exc
+        if not (self.unsubscribe_mailto or self.unsubscribe_url):
+            raise ValueError(
+                "set unsubscribe_mailto or unsubscribe_url: bulk mail must carry "
+                "List-Unsubscribe (RFC 2369)"
+            )
+        if self.unsubscribe_mailto:
+            _parse_mailbox(self.unsubscribe_mailto, "unsubscribe_mailto")
+        if self.unsubscribe_url:
+            if not re.match(r"^https?://[^\s<>]+$", self.unsubscribe_url):
+                raise ValueError("unsubscribe_url must be an http(s) URL without spaces")
+            if "{token}" in self.unsubscribe_url and self.unsubscribe_key is None:
+                raise ValueError(
+                    "unsubscribe_url has {token} but no unsubscribe_key: set "
+                    "APPEAL_MAILER_CAMPAIGN__UNSUBSCRIBE_KEY"
+                )
+        return self
+
+
+class LedgerSettings(_Section):
+    path: Path = Path("appeal-mailer.db")
+    # A secret: a PostgreSQL URL may carry a password.
+    url: SecretStr | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not re.match(
+            r"^(postgresql|sqlite)(\+\w+)?://", value.get_secret_value()
+        ):
+            raise ValueError("url must start with postgresql:// (or sqlite://)")
+        return value
+
+
+class Settings(BaseSettings):
+    """Every setting appeal-mailer reads; `config.example.toml` documents each key."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        secrets_nested_delimiter="__",
+        secrets_prefix="",
+        extra="forbid",
+        frozen=True,
+    )
+
+    smtp: SmtpSettings = SmtpSettings()
+    sending: SendingSettings = SendingSettings()
+    campaign: CampaignSettings
+    ledger: LedgerSettings = LedgerSettings()
+    # The file these settings came from; relative paths were resolved against it.
+    source: Path = Path("config.toml")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment beats the secrets directory, which beats the TOML file.
+        return (env_settings, NestedSecretsSettingsSource(file_secret_settings), init_settings)
+
+    @property
+    def ledger_url(self) -> str:
+        if self.ledger.url is not None:
+            return self.ledger.url.get_secret_value()
+        return f"sqlite:///{self.ledger.path}"
+
+
+def config_path(explicit: Path | None) -> Path:
+    """Where the config is: --config, else $APPEAL_MAILER_CONFIG, else ./config.toml."""
+    if explicit is not None:
+        return explicit
+    from_env = os.environ.get(CONFIG_ENV)
+    return Path(from_env) if from_env else DEFAULT_CONFIG
+
+
+def load_settings(path: Path) -> Settings:
+    """Read, merge and validate the settings, or raise a ConfigError naming file and key."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(
+            "no such config file",
+            path=path,
+            hint="run `appeal-mailer init` for a working example, or pass --config FILE",
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc.strerror}", path=path) from exc
+    try:
+        data = tomllib.loads(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"not UTF-8 (byte {exc.start})", path=path) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"not valid TOML: {exc}", path=path) from exc
+
+    if "source" in data:
+        raise ConfigError("unknown key (a typo?)", path=path, key="source")
+    for section, keys in _SECRET_KEYS.items():
+        for key in keys:
+            if key in data.get(section, {}):
+                raise ConfigError(
+                    "secrets do not belong in the config file",
+                    path=path,
+                    key=f"[{section}] {key}",
+                    hint=f"set {ENV_PREFIX}{section.upper()}__{key.upper()} in the environment, "
+                    f"or write it to the file {section}__{key} in ${SECRETS_DIR_ENV}",
+                )
+
+    secrets_dir = os.environ.get(SECRETS_DIR_ENV) or os.environ.get("CREDENTIALS_DIRECTORY")
+    try:
+        settings = Settings(
+            _secrets_dir=secrets_dir,  # type: ignore[call-arg]  # pydantic-settings init-only arg
+            **data,
+            source=path,
+        )
+    except ValidationError as exc:
+        raise _config_error(exc, path) from None
+    return _resolve_paths(settings, path.parent)
+
+
+_SECRET_KEYS = {"smtp": ("password",), "campaign": ("unsubscribe_key",)}
+
+
+def _resolve_paths(settings: Settings, base: Path) -> Settings:
+    def resolve(p: Path) -> Path:
+        return p if p.is_absolute() else base / p
+
+    smtp = settings.smtp
+    if smtp.ca_file is not None:
+        smtp = smtp.model_copy(update={"ca_file": resolve(smtp.ca_file)})
+    campaign = settings.campaign.model_copy(
+        update={"templates": resolve(settings.campaign.templates)}
+    )
+    ledger = settings.ledger.model_copy(update={"path": resolve(settings.ledger.path)})
+    return settings.model_copy(update={"smtp": smtp, "campaign": campaign, "ledger": ledger})
+
+
+def _config_error(exc: ValidationError, path: Path) -> ConfigError:
+    first = exc.errors()[0]
+    loc = [str(part) for part in first["loc"]]
+    if loc and loc[0] in {"smtp", "sending", "campaign", "ledger"}:
+        key = f"[{loc[0]}] " + ".".join(loc[1:]) if len(loc) > 1 else f"[{loc[0]}]"
+    else:
+        key = ".".join(loc)
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = "unknown key (a typo?)"
+    elif first["type"] == "missing":
+        message = "required, but missing"
+    env_name = ENV_PREFIX + "__".join(part.upper() for part in loc)
+    hint = None
+    if env_name in os.environ:
+        hint = f"the value comes from the environment variable {env_name}"
+    more = len(exc.errors()) - 1
+    if more:
+        message += f" (and {more} more problem{'s' if more > 1 else ''})"
+    return ConfigError(message, path=path, key=key or None, hint=hint)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _parse_mailbox(value: str, key: str) -> tuple[str, str]:
+    """Split 'Name <addr>' or 'addr' and validate the address; the name may be empty."""
+    match = re.fullmatch(r"\s*(?:(.*?)\s*<([^<>]+)>|([^<>\s]+))\s*", value)
+    if match is None or any(c in value for c in "\r\n\0"):
+        raise ValueError(f"{key} must be 'Name <address>' or 'address', not {value!r}")
+    name = (match.group(1) or "").strip().strip('"')
+    address = match.group(2) or match.group(3) or ""
+    try:
+        checked = validate_email(address, check_deliverability=False, allow_smtputf8=False)
+    except EmailNotValidError as exc:
+        raise ValueError(f"{key}: {exc}") from exc
+    return name, checked.normalized
+
+
+def _parse_list_id(value: str) -> tuple[str, str]:
+    # RFC 2919 2: List-Id is an optional phrase and a dot-atom in angle brackets.
+    match = re.fullmatch(r"\s*(.*?)\s*<([A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+)>\s*", value)
+    if match is None or "." not in match.group(2):
+        raise ValueError(
+            "list_id must look like 'Campaign name <appeal.lists.example.org>' (RFC 2919)"
+        )
+    return match.group(1).strip().strip('"'), match.group(2)

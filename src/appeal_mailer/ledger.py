@@ -1,0 +1,622 @@
+"""The delivery ledger: one durable row per (campaign, step, recipient), on SQLite or PostgreSQL.
+
+The only module that talks to the database. SQLAlchemy Core keeps one schema
+and one set of statements for both engines. Every method is synchronous and
+commits before it returns: the caller decides which thread waits for it.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects import sqlite as sqlite_dialect
+from sqlalchemy.exc import SQLAlchemyError
+
+from appeal_mailer.errors import LedgerError
+from appeal_mailer.models import DeliveryResult, Recipient, State
+
+SCHEMA_VERSION = 1
+_BATCH = 500
+
+metadata = sa.MetaData()
+
+meta = sa.Table(
+    "meta",
+    metadata,
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+)
+
+recipients = sa.Table(
+    "recipients",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("campaign", sa.String(64), nullable=False),
+    sa.Column("email", sa.String(320), nullable=False),
+    sa.Column("line", sa.Integer, nullable=False),
+    # name, organization, language, timezone and the other columns, as JSON.
+    sa.Column("data", sa.Text, nullable=False),
+    # The run that last read this address from a list: `send` mails only the
+    # addresses of the list it was given, not whoever an older list had.
+    sa.Column("seen_run", sa.Integer, nullable=False),
+    sa.UniqueConstraint("campaign", "email", name="uq_recipients_campaign_email"),
+)
+
+deliveries = sa.Table(
+    "deliveries",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("campaign", sa.String(64), nullable=False),
+    sa.Column("step", sa.String(64), nullable=False),
+    sa.Column("email", sa.String(320), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("smtp_code", sa.Integer, nullable=True),
+    sa.Column("smtp_reply", sa.Text, nullable=True),
+    sa.Column("message_id", sa.String(255), nullable=False),
+    # ISO 8601 UTC text, fixed width, so that it sorts and compares as text on both engines.
+    sa.Column("next_attempt_at", sa.String(32), nullable=True),
+    sa.Column("claimed_by", sa.Integer, nullable=True),
+    sa.Column("updated_at", sa.String(32), nullable=False),
+    sa.UniqueConstraint("campaign", "step", "email", name="uq_deliveries_campaign_step_email"),
+    sa.Index("ix_deliveries_campaign_state", "campaign", "step", "state"),
+)
+
+runs = sa.Table(
+    "runs",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("campaign", sa.String(64), nullable=False),
+    sa.Column("step", sa.String(64), nullable=False),
+    sa.Column("command", sa.String(32), nullable=False),
+    sa.Column("started_at", sa.String(32), nullable=False),
+    sa.Column("finished_at", sa.String(32), nullable=True),
+    sa.Column("summary", sa.Text, nullable=True),
+)
+
+suppressions = sa.Table(
+    "suppressions",
+    metadata,
+    sa.Column("email", sa.String(320), primary_key=True),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("source", sa.String(32), nullable=False),
+    sa.Column("created_at", sa.String(32), nullable=False),
+)
+
+# Rows a run may pick up: never started, or deferred and due.
+_CLAIMABLE = (State.PENDING.value, State.DEFERRED.value)
+
+
+def timestamp(moment: datetime | None = None) -> str:
+    """`moment` (now by default) as fixed-width ISO 8601 UTC text."""
+    moment = moment or datetime.now(UTC)
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass(frozen=True, slots=True)
+class DueRow:
+    """A ledger row that is due to be sent, with what is needed to render it."""
+
+    row_id: int
+    recipient: Recipient
+    message_id: str
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerRow:
+    """One row as `status` reports it."""
+
+    email: str
+    step: str
+    state: str
+    attempts: int
+    smtp_code: int | None
+    smtp_reply: str | None
+    message_id: str
+    updated_at: str
+    next_attempt_at: str | None
+
+
+class Ledger:
+    """Durable delivery state. Open with `Ledger.open(url)`; close with `close()`."""
+
+    def __init__(self, engine: sa.Engine, location: str) -> None:
+        self._engine = engine
+        self.location = location
+
+    @classmethod
+    def open(cls, url: str, *, scratch_copy: bool = False) -> Ledger:
+        """Open (and create) the ledger at `url`.
+
+        With `scratch_copy`, an SQLite ledger is copied into memory and the copy is
+        opened: a dry run then sees exactly what a real run would, and writes nothing.
+        """
+        location = _redact(url)
+        try:
+            if scratch_copy:
+                engine = _memory_copy(url)
+            else:
+                _make_parent(url)
+                engine = sa.create_engine(url, future=True)
+                if engine.dialect.name == "sqlite":
+                    sa.event.listen(engine, "connect", _sqlite_pragmas)
+            ledger = cls(engine, location)
+            ledger._create_schema()
+        except SQLAlchemyError as exc:
+            raise LedgerError(
+                f"cannot open: {exc.__class__.__name__}: {_first_line(exc)}",
+                location=location,
+                hint="check [ledger] path or url in the config",
+            ) from exc
+        return ledger
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    # -- runs ------------------------------------------------------------------
+
+    def start_run(self, campaign: str, step: str, command: str) -> int:
+        with self._write() as conn:
+            result = conn.execute(
+                runs.insert().values(
+                    campaign=campaign, step=step, command=command, started_at=timestamp()
+                )
+            )
+            key = result.inserted_primary_key
+            assert key is not None  # noqa: S101  # an INSERT into a table with a primary key
+            return int(key[0])
+
+    def finish_run(self, run_id: int, summary: dict[str, Any]) -> None:
+        with self._write() as conn:
+            conn.execute(
+                runs.update()
+                .where(runs.c.id == run_id)
+                .values(finished_at=timestamp(), summary=json.dumps(summary, sort_keys=True))
+            )
+
+    # -- loading a list --------------------------------------------------------
+
+    def load(
+        self,
+        campaign: str,
+        step: str,
+        run_id: int,
+        items: Iterable[tuple[Recipient, str]],
+    ) -> int:
+        """Record each (recipient, message_id) for this run; new rows start `pending`.
+
+        Returns how many delivery rows were new. A recipient already in the ledger
+        keeps its state (a re-run never re-sends what was sent); its list data is
+        refreshed, so a corrected name is used for what is still to be sent.
+        """
+        now = timestamp()
+        new = 0
+        for batch in _batched(items, _BATCH):
+            people = [
+                {
+                    "campaign": campaign,
+                    "email": r.email,
+                    "line": r.line,
+                    "data": _recipient_json(r),
+                    "seen_run": run_id,
+                }
+                for r, _ in batch
+            ]
+            rows = [
+                {
+                    "campaign": campaign,
+                    "step": step,
+                    "email": r.email,
+                    "state": State.PENDING.value,
+                    "attempts": 0,
+                    "message_id": message_id,
+                    "updated_at": now,
+                }
+                for r, message_id in batch
+            ]
+            with self._write() as conn:
+                upsert = self._insert(recipients)
+                conn.execute(
+                    upsert.on_conflict_do_update(
+                        index_elements=["campaign", "email"],
+                        set_={
+                            "line": upsert.excluded.line,
+                            "data": upsert.excluded.data,
+                            "seen_run": upsert.excluded.seen_run,
+                        },
+                    ),
+                    people,
+                )
+                result = conn.execute(
+                    self._insert(deliveries).on_conflict_do_nothing(
+                        index_elements=["campaign", "step", "email"]
+                    ),
+                    rows,
+                )
+                new += max(result.rowcount, 0)
+        return new
+
+    # -- sending ----------------------------------------------------------------
+
+    def recover_interrupted(self, campaign: str, step: str) -> int:
+        """Rows left `sending` by a run that died become `unknown`; returns how many.
+
+        SMTP cannot tell whether a lost "250" after the final dot meant delivery
+        (RFC 1047), so such rows are not sent again unless the operator asks.
+        """
+        with self._write() as conn:
+            result = conn.execute(
+                deliveries.update()
+                .where(
+                    deliveries.c.campaign == campaign,
+                    deliveries.c.step == step,
+                    deliveries.c.state == State.SENDING.value,
+                )
+                .values(
+                    state=State.UNKNOWN.value,
+                    smtp_reply="interrupted while sending: delivery unknown",
+                    updated_at=timestamp(),
+                )
+            )
+            return max(result.rowcount, 0)
+
+    def due_page(
+        self, campaign: str, step: str, run_id: int, now: datetime, after: int = 0
+    ) -> list[DueRow]:
+        """The next page of rows of this run's list that are pending, or deferred and due.
+
+        Rows come in id order after row `after`; read page by page, memory does not
+        grow with the list.
+        """
+        with self._read() as conn:
+            page = conn.execute(
+                self._due_query(campaign, step, run_id, now)
+                .where(deliveries.c.id > after)
+                .order_by(deliveries.c.id)
+                .limit(_BATCH)
+            ).all()
+        return [
+            DueRow(
+                row_id=row.id,
+                recipient=_recipient_from(row.email, row.line, row.data),
+                message_id=row.message_id,
+                attempts=row.attempts,
+            )
+            for row in page
+        ]
+
+    def count_due(self, campaign: str, step: str, run_id: int, now: datetime) -> int:
+        query = self._due_query(campaign, step, run_id, now).with_only_columns(sa.func.count())
+        with self._read() as conn:
+            return int(conn.execute(query).scalar_one())
+
+    def _due_query(self, campaign: str, step: str, run_id: int, now: datetime) -> sa.Select[Any]:
+        return (
+            sa.select(
+                deliveries.c.id,
+                deliveries.c.message_id,
+                deliveries.c.attempts,
+                recipients.c.email,
+                recipients.c.line,
+                recipients.c.data,
+            )
+            .join(
+                recipients,
+                sa.and_(
+                    recipients.c.campaign == deliveries.c.campaign,
+                    recipients.c.email == deliveries.c.email,
+                ),
+            )
+            .where(
+                deliveries.c.campaign == campaign,
+                deliveries.c.step == step,
+                recipients.c.seen_run == run_id,
+                sa.or_(
+                    deliveries.c.state == State.PENDING.value,
+                    sa.and_(
+                        deliveries.c.state == State.DEFERRED.value,
+                        deliveries.c.next_attempt_at <= timestamp(now),
+                    ),
+                ),
+            )
+        )
+
+    def claim(self, row_ids: Sequence[int], run_id: int) -> tuple[list[int], list[int]]:
+        """Mark rows `sending`, durably, before any of their DATA starts.
+
+        Rows whose address is on the suppression list become `suppressed` instead
+        (checked now, at send time, not when the list was loaded). Returns the ids
+        claimed and the ids suppressed; a row another run took meanwhile is in neither.
+        """
+        if not row_ids:
+            return [], []
+        now = timestamp()
+        with self._write() as conn:
+            suppressed_emails = sa.select(suppressions.c.email)
+            suppressed = conn.execute(
+                deliveries.update()
+                .where(
+                    deliveries.c.id.in_(row_ids),
+                    deliveries.c.state.in_(_CLAIMABLE),
+                    deliveries.c.email.in_(suppressed_emails),
+                )
+                .values(state=State.SUPPRESSED.value, updated_at=now)
+                .returning(deliveries.c.id)
+            ).scalars()
+            suppressed_ids = list(suppressed)
+            claimed = conn.execute(
+                deliveries.update()
+                .where(deliveries.c.id.in_(row_ids), deliveries.c.state.in_(_CLAIMABLE))
+                .values(state=State.SENDING.value, claimed_by=run_id, updated_at=now)
+                .returning(deliveries.c.id)
+            ).scalars()
+            return list(claimed), suppressed_ids
+
+    def record(self, results: Sequence[DeliveryResult], next_attempts: dict[int, str]) -> None:
+        """Write the outcome of each message; `sent` is durable when this returns."""
+        if not results:
+            return
+        now = timestamp()
+        with self._write() as conn:
+            conn.execute(
+                deliveries.update()
+                .where(deliveries.c.id == sa.bindparam("row_id"))
+                .values(
+                    state=sa.bindparam("new_state"),
+                    attempts=deliveries.c.attempts + sa.bindparam("tries"),
+                    smtp_code=sa.bindparam("code"),
+                    smtp_reply=sa.bindparam("reply"),
+                    next_attempt_at=sa.bindparam("next_at"),
+                    claimed_by=None,
+                    updated_at=now,
+                ),
+                [
+                    {
+                        "row_id": r.row_id,
+                        "new_state": r.state.value,
+                        "tries": r.attempts,
+                        "code": r.code,
+                        "reply": r.reply,
+                        "next_at": next_attempts.get(r.row_id),
+                    }
+                    for r in results
+                ],
+            )
+
+    def release(self, row_ids: Sequence[int]) -> None:
+        """Put claimed rows whose DATA never started back to `pending` (a run stopping early)."""
+        if not row_ids:
+            return
+        with self._write() as conn:
+            conn.execute(
+                deliveries.update()
+                .where(deliveries.c.id.in_(row_ids), deliveries.c.state == State.SENDING.value)
+                .values(state=State.PENDING.value, claimed_by=None, updated_at=timestamp())
+            )
+
+    # -- suppression -------------------------------------------------------------
+
+    def suppress(self, email: str, reason: str, source: str) -> bool:
+        """Add `email` to the do-not-mail list; False if it was already there."""
+        with self._write() as conn:
+            result = conn.execute(
+                self._insert(suppressions)
+                .values(email=email.lower(), reason=reason, source=source, created_at=timestamp())
+                .on_conflict_do_nothing(index_elements=["email"])
+            )
+            return result.rowcount > 0
+
+    # -- reports ------------------------------------------------------------------
+
+    def counts(self, campaign: str, step: str | None = None) -> dict[str, int]:
+        query = (
+            sa.select(deliveries.c.state, sa.func.count())
+            .where(deliveries.c.campaign == campaign)
+            .group_by(deliveries.c.state)
+        )
+        if step is not None:
+            query = query.where(deliveries.c.step == step)
+        with self._read() as conn:
+            return {state: int(n) for state, n in conn.execute(query).all()}
+
+    def rows(self, campaign: str, states: Iterable[str] | None = None) -> Iterator[LedgerRow]:
+        """Every row of the campaign (optionally only some states), in id order, streamed."""
+        last = 0
+        query = (
+            sa.select(
+                deliveries.c.id,
+                deliveries.c.email,
+                deliveries.c.step,
+                deliveries.c.state,
+                deliveries.c.attempts,
+                deliveries.c.smtp_code,
+                deliveries.c.smtp_reply,
+                deliveries.c.message_id,
+                deliveries.c.updated_at,
+                deliveries.c.next_attempt_at,
+            )
+            .where(deliveries.c.campaign == campaign)
+            .order_by(deliveries.c.id)
+            .limit(_BATCH)
+        )
+        if states is not None:
+            query = query.where(deliveries.c.state.in_(list(states)))
+        while True:
+            with self._read() as conn:
+                page = conn.execute(query.where(deliveries.c.id > last)).all()
+            for row in page:
+                yield LedgerRow(
+                    email=row.email,
+                    step=row.step,
+                    state=row.state,
+                    attempts=row.attempts,
+                    smtp_code=row.smtp_code,
+                    smtp_reply=row.smtp_reply,
+                    message_id=row.message_id,
+                    updated_at=row.updated_at,
+                    next_attempt_at=row.next_attempt_at,
+                )
+            if len(page) < _BATCH:
+                return
+            last = page[-1].id
+
+    def campaigns(self) -> list[str]:
+        with self._read() as conn:
+            return list(
+                conn.execute(
+                    sa.select(deliveries.c.campaign).distinct().order_by(deliveries.c.campaign)
+                ).scalars()
+            )
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    def _insert(self, table: sa.Table) -> Any:
+        # ON CONFLICT is spelled the same by both dialects' insert(), not by the generic one.
+        if self._engine.dialect.name == "postgresql":
+            return postgresql.insert(table)
+        return sqlite_dialect.insert(table)
+
+    def _write(self) -> _Transaction:
+        return _Transaction(self._engine, self.location)
+
+    def _read(self) -> _Transaction:
+        return _Transaction(self._engine, self.location)
+
+    def _create_schema(self) -> None:
+        with self._engine.begin() as conn:
+            metadata.create_all(conn)
+            version = conn.execute(
+                sa.select(meta.c.value).where(meta.c.key == "schema_version")
+            ).scalar()
+            if version is None:
+                conn.execute(meta.insert().values(key="schema_version", value=str(SCHEMA_VERSION)))
+            elif int(version) > SCHEMA_VERSION:
+                raise LedgerError(
+                    f"made by a newer appeal-mailer (schema {version}, this one knows "
+                    f"{SCHEMA_VERSION})",
+                    location=self.location,
+                    hint="upgrade appeal-mailer",
+                )
+
+
+class _Transaction:
+    """`with` block: one transaction, committed on success; database errors become LedgerError."""
+
+    def __init__(self, engine: sa.Engine, location: str) -> None:
+        self._engine = engine
+        self._location = location
+        self._context: Any = None
+
+    def __enter__(self) -> sa.Connection:
+        try:
+            self._context = self._engine.begin()
+            conn: sa.Connection = self._context.__enter__()
+        except SQLAlchemyError as exc:
+            raise LedgerError(_first_line(exc), location=self._location) from exc
+        return conn
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        try:
+            self._context.__exit__(exc_type, exc, tb)
+        except SQLAlchemyError as error:
+            raise LedgerError(_first_line(error), location=self._location) from error
+        if isinstance(exc, SQLAlchemyError):
+            raise LedgerError(_first_line(exc), location=self._location) from exc
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    # WAL lets `status` read while a run writes; FULL makes every commit survive
+    # power loss, not only a crash of the process.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def _memory_copy(url: str) -> sa.Engine:
+    source = sa.engine.make_url(url)
+    if source.get_backend_name() != "sqlite":
+        raise LedgerError(
+            "a dry run needs an SQLite ledger to copy",
+            location=_redact(url),
+            hint="a dry run against a PostgreSQL ledger is not supported yet",
+        )
+    memory = sqlite3.connect(":memory:", check_same_thread=False)
+    path = source.database
+    if path and Path(path).exists():
+        # Read through SQLite itself, so a ledger in use by a running send is copied consistently.
+        disk = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            disk.backup(memory)
+        finally:
+            disk.close()
+    return sa.create_engine(
+        "sqlite://", creator=lambda: memory, poolclass=sa.pool.StaticPool, future=True
+    )
+
+
+def _make_parent(url: str) -> None:
+    parsed = sa.engine.make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database:
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+
+
+def _redact(url: str) -> str:
+    parsed = sa.engine.make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        return parsed.database or ":memory:"
+    return parsed.render_as_string(hide_password=True)
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _recipient_json(recipient: Recipient) -> str:
+    return json.dumps(
+        {
+            "name": recipient.name,
+            "organization": recipient.organization,
+            "language": recipient.language,
+            "timezone": recipient.timezone,
+            "fields": dict(recipient.fields),
+        },
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
+
+
+def _recipient_from(email: str, line: int, data: str) -> Recipient:
+    values = json.loads(data)
+    return Recipient(
+        email=email,
+        line=line,
+        name=values["name"],
+        organization=values["organization"],
+        language=values["language"],
+        timezone=values["timezone"],
+        fields=MappingProxyType(values["fields"]),
+    )
+
+
+def _batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

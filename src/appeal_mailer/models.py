@@ -1,0 +1,98 @@
+"""Frozen value objects that cross module boundaries: recipients, messages, results, states."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+_EMPTY: Mapping[str, str] = MappingProxyType({})
+
+
+class State(enum.StrEnum):
+    """The one state of a (campaign, step, recipient) row in the ledger."""
+
+    PENDING = "pending"
+    SENDING = "sending"
+    SENT = "sent"
+    DEFERRED = "deferred"
+    FAILED = "failed"
+    UNKNOWN = "unknown"
+    SUPPRESSED = "suppressed"
+    INVALID = "invalid"
+
+
+@dataclass(frozen=True, slots=True)
+class Recipient:
+    """One subscriber, validated: the address is normalized and every field is header-safe."""
+
+    email: str
+    line: int
+    name: str = ""
+    organization: str = ""
+    language: str = ""
+    timezone: str = ""
+    # Every other column of the list, for templates.
+    fields: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+
+    def __str__(self) -> str:
+        return f"{self.name} <{self.email}>" if self.name else self.email
+
+    @property
+    def domain(self) -> str:
+        return self.email.rpartition("@")[2]
+
+
+@dataclass(frozen=True, slots=True)
+class SkippedRow:
+    """A list row that is not mailed, and why; reported by line number."""
+
+    line: int
+    reason: str
+    field: str | None = None
+    email: str | None = None
+    duplicate_of: int | None = None
+
+    def __str__(self) -> str:
+        where = f"line {self.line}" + (f", {self.field}" if self.field else "")
+        return f"{where}: {self.reason}"
+
+
+@dataclass(frozen=True, slots=True)
+class RenderedMessage:
+    """A message rendered for one recipient, before it becomes wire bytes."""
+
+    recipient: Recipient
+    step: str
+    subject: str
+    text: str
+    html: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """What a transport needs: the SMTP envelope and the finished bytes (CRLF, not dot-stuffed)."""
+
+    row_id: int
+    sender: str
+    recipient: str
+    message_id: str
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryResult:
+    """What happened to one message: sent, deferred, failed or unknown, with the server's reply."""
+
+    row_id: int
+    recipient: str
+    state: State
+    attempts: int
+    code: int | None = None
+    reply: str | None = None
+
+    def __str__(self) -> str:
+        said = f": {self.code} {self.reply}" if self.code is not None else ""
+        reply = said or (f": {self.reply}" if self.reply else "")
+        return f"{self.recipient} {self.state}{reply}"

@@ -1,0 +1,292 @@
+"""Render a template for one recipient: sandboxed Jinja2, a header block, then the body.
+
+A sendable template, ``templates/NAME.txt.j2``, starts with header lines
+(``Subject:`` required), a blank line, then the body. Each header value is a
+template of its own, so a rendered value can be checked for line breaks before
+it can become a header. Partials whose names start with ``_`` (a shared
+footer, a base layout) have no header block. ``NAME.html.j2``, if present, is
+the HTML body of a multipart/alternative message; it has no header block.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from appeal_mailer import timezones
+from appeal_mailer.errors import TemplateError
+from appeal_mailer.models import Recipient, RenderedMessage
+
+TEXT_SUFFIX = ".txt.j2"
+HTML_SUFFIX = ".html.j2"
+# The one header a template sets. The others are the message's own (From, To,
+# Message-ID, List-*: mime.py builds them from the config) and cannot be overridden.
+ALLOWED_HEADERS = {"subject": "Subject"}
+_HEADER_LINE = re.compile(r"^([A-Za-z][A-Za-z0-9-]*):[ \t]*(.*)$")
+_HEADER_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+@dataclass(frozen=True)
+class _HeaderSource:
+    name: str
+    line: int
+    template: jinja2.Template
+
+
+class _HeaderBlockLoader(jinja2.FileSystemLoader):
+    """Gives Jinja the body of a sendable template, with its header block commented out.
+
+    The header lines stay in the source inside a comment, so that line numbers in
+    error messages match the file as the user sees it.
+    """
+
+    def get_source(
+        self, environment: jinja2.Environment, template: str
+    ) -> tuple[str, str, Callable[[], bool]]:
+        source, filename, uptodate = super().get_source(environment, template)
+        if _is_sendable(template):
+            head, body = split_header_block(source, template)
+            if "#}" in head:
+                raise TemplateError("'#}' is not allowed in a header line", template=template)
+            source = "{#" + head + "#}" + body
+        return source, filename, uptodate
+
+
+def _is_sendable(template: str) -> bool:
+    return template.endswith(TEXT_SUFFIX) and not Path(template).name.startswith("_")
+
+
+def split_header_block(source: str, template: str) -> tuple[str, str]:
+    """Split a template's source into its header block (with the blank line) and body."""
+    head, sep, body = source.partition("\n\n")
+    if not sep:
+        head, sep, body = source.partition("\r\n\r\n")
+    if not sep or not head.strip():
+        raise TemplateError(
+            "no header block: a template starts with 'Subject: ...', then a blank line, "
+            "then the body",
+            template=template,
+            line=1,
+        )
+    return head + sep, body
+
+
+class _Environment(ImmutableSandboxedEnvironment):
+    """The sandbox, where `a.b` on a mapping means the key "b" first.
+
+    Jinja tries the attribute first, so `context.items` would be the dict
+    method rather than a context key named "items".
+    """
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        if isinstance(obj, Mapping) and attribute in obj:
+            return obj[attribute]
+        return super().getattr(obj, attribute)
+
+
+class Renderer:
+    """Renders one campaign step's template for each recipient; loaded once per run."""
+
+    def __init__(
+        self,
+        directory: Path,
+        name: str,
+        *,
+        campaign: Mapping[str, Any],
+        sender: Mapping[str, str],
+        default_timezone: str,
+        now: datetime,
+    ) -> None:
+        self.name = name
+        self.text_name = name + TEXT_SUFFIX
+        self._default_timezone = default_timezone
+        self._env = _Environment(
+            loader=_HeaderBlockLoader(str(directory)),
+            undefined=jinja2.StrictUndefined,
+            autoescape=lambda template: bool(template and template.endswith(HTML_SUFFIX)),
+            keep_trailing_newline=True,
+            trim_blocks=True,
+            lstrip_blocks=True,
+        )
+        self._env.globals.update(
+            hours_ahead=timezones.hours_ahead,
+            office_hours=timezones.office_hours,
+            local_time=timezones.local_time,
+        )
+        self._env.filters["local_time"] = timezones.local_time
+        self._base_context = {"campaign": campaign, "sender": sender, "now": now}
+        self._headers, self._text = self._load_text(directory)
+        self._html = self._load_html(directory)
+
+    @property
+    def has_html(self) -> bool:
+        return self._html is not None
+
+    def render(self, recipient: Recipient, *, unsubscribe_url: str, step: str) -> RenderedMessage:
+        """Render the message for `recipient`, or raise TemplateError naming its list line."""
+        context = {
+            **self._base_context,
+            "recipient": self._recipient_context(recipient),
+            "unsubscribe_url": unsubscribe_url,
+        }
+        subject = ""
+        for header in self._headers:
+            value = self._run(header.template, context, recipient, self.text_name).strip()
+            bad = _HEADER_UNSAFE.search(value)
+            if bad:
+                raise TemplateError(
+                    f"the {header.name} header would contain the control character "
+                    f"U+{ord(bad.group()):04X}; a header is one line",
+                    template=self.text_name,
+                    line=header.line,
+                    recipient_line=recipient.line,
+                    recipient=recipient.email,
+                )
+            subject = value
+        if not subject:
+            raise TemplateError(
+                "the Subject is empty",
+                template=self.text_name,
+                recipient_line=recipient.line,
+                recipient=recipient.email,
+            )
+        text = self._run(self._text, context, recipient, self.text_name)
+        html = None
+        if self._html is not None:
+            html = self._run(self._html, context, recipient, self.name + HTML_SUFFIX)
+        return RenderedMessage(
+            recipient=recipient,
+            step=step,
+            subject=subject,
+            text=text,
+            html=html,
+        )
+
+    def _recipient_context(self, recipient: Recipient) -> dict[str, Any]:
+        return {
+            **recipient.fields,
+            "email": recipient.email,
+            "name": recipient.name,
+            "organization": recipient.organization,
+            "language": recipient.language,
+            # The subscriber's own zone, else the campaign's: templates need not care.
+            "timezone": recipient.timezone or self._default_timezone,
+            "has_timezone": bool(recipient.timezone),
+            "line": recipient.line,
+        }
+
+    def _load_text(self, directory: Path) -> tuple[list[_HeaderSource], jinja2.Template]:
+        path = directory / self.text_name
+        try:
+            source = path.read_text(encoding="utf-8-sig")
+        except FileNotFoundError:
+            available = sorted(
+                p.name.removesuffix(TEXT_SUFFIX)
+                for p in directory.glob("*" + TEXT_SUFFIX)
+                if not p.name.startswith("_")
+            )
+            raise TemplateError(
+                f"no such template in {directory}",
+                template=self.text_name,
+                hint="templates here: " + (", ".join(available) or "none"),
+            ) from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise TemplateError(f"cannot read: {exc}", template=self.text_name) from exc
+        head, _ = split_header_block(source, self.text_name)
+        headers = self._parse_headers(head)
+        text = self._load(self.text_name)
+        return headers, text
+
+    def _parse_headers(self, head: str) -> list[_HeaderSource]:
+        headers: list[_HeaderSource] = []
+        for number, line in enumerate(head.splitlines(), start=1):
+            if not line.strip():
+                continue
+            match = _HEADER_LINE.match(line)
+            if match is None:
+                raise TemplateError(
+                    f"not a header line: {line!r} (a header block ends at the first blank line)",
+                    template=self.text_name,
+                    line=number,
+                )
+            name = ALLOWED_HEADERS.get(match.group(1).lower())
+            if name is None:
+                raise TemplateError(
+                    f"a template cannot set {match.group(1)}: only Subject (From, Reply-To "
+                    "and the rest come from the [campaign] settings)",
+                    template=self.text_name,
+                    line=number,
+                )
+            if any(h.name == name for h in headers):
+                raise TemplateError(f"{name} is set twice", template=self.text_name, line=number)
+            try:
+                compiled = self._env.from_string(match.group(2))
+            except jinja2.TemplateSyntaxError as exc:
+                raise TemplateError(
+                    f"syntax error: {exc.message}", template=self.text_name, line=number
+                ) from exc
+            headers.append(_HeaderSource(name, number, compiled))
+        if not any(h.name == "Subject" for h in headers):
+            raise TemplateError(
+                "the header block has no Subject:", template=self.text_name, line=1
+            )
+        return headers
+
+    def _load_html(self, directory: Path) -> jinja2.Template | None:
+        if not (directory / (self.name + HTML_SUFFIX)).is_file():
+            return None
+        return self._load(self.name + HTML_SUFFIX)
+
+    def _load(self, name: str) -> jinja2.Template:
+        try:
+            return self._env.get_template(name)
+        except jinja2.TemplateSyntaxError as exc:
+            raise TemplateError(
+                f"syntax error: {exc.message}", template=exc.name or name, line=exc.lineno
+            ) from exc
+        except jinja2.TemplateNotFound as exc:
+            raise TemplateError(
+                f"includes a missing template {exc.name!r}", template=name
+            ) from exc
+
+    @staticmethod
+    def _run(
+        template: jinja2.Template, context: dict[str, Any], recipient: Recipient, name: str
+    ) -> str:
+        try:
+            return template.render(context)
+        except TemplateError:
+            raise
+        except (jinja2.TemplateError, ValueError, LookupError, TypeError, ArithmeticError) as exc:
+            where, line = _template_position(exc.__traceback__, name)
+            message = exc.message if isinstance(exc, jinja2.TemplateError) else str(exc)
+            raise TemplateError(
+                f"{type(exc).__name__}: {message}",
+                template=where,
+                line=line,
+                recipient_line=recipient.line,
+                recipient=recipient.email,
+                hint="every message is rendered before the first is sent: nothing was sent",
+            ) from exc
+
+
+def _template_position(tb: TracebackType | None, default: str) -> tuple[str, int | None]:
+    # Jinja rewrites tracebacks so that template frames carry the template's file
+    # name and line: the innermost such frame is where rendering failed.
+    where, line = default, None
+    while tb is not None:
+        filename = tb.tb_frame.f_code.co_filename
+        if filename.endswith(".j2"):
+            where, line = Path(filename).name, tb.tb_lineno
+        elif filename == "<template>":
+            line = None
+        tb = tb.tb_next
+    return where, line

@@ -1,0 +1,93 @@
+"""Time-zone arithmetic for templates, from IANA data (zoneinfo + tzdata), never typed in."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta
+from zoneinfo import ZoneInfo
+
+
+def zone(name: str) -> ZoneInfo:
+    """The IANA zone `name` (a ZoneInfoNotFoundError names it when unknown)."""
+    return ZoneInfo(name)
+
+
+def hours_ahead(tz: str, of: str, at: datetime | None = None) -> float | int:
+    """How many hours `tz` is ahead of `of` at the moment `at` (now by default).
+
+    "Karaganda is 5 hours ahead of London" in January and 4 in July: the answer
+    depends on the date because of daylight saving time.
+    """
+    moment = at if at is not None else datetime.now(UTC)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    a = moment.astimezone(zone(tz)).utcoffset() or timedelta(0)
+    b = moment.astimezone(zone(of)).utcoffset() or timedelta(0)
+    hours = (a - b).total_seconds() / 3600
+    return int(hours) if hours.is_integer() else hours
+
+
+@dataclass(frozen=True)
+class OfficeHours:
+    """Opening hours of a place, expressed in another time zone on one day."""
+
+    start: datetime
+    end: datetime
+    place_start: datetime
+    place_end: datetime
+
+    def __str__(self) -> str:
+        text = f"{self.start:%H:%M}\N{EN DASH}{self.end:%H:%M}"
+        if self.end.date() != self.start.date():
+            text += " (ending the next day)"
+        return text
+
+    @property
+    def day_shift(self) -> int:
+        """Days between the place's date and the local date at opening (-1, 0 or 1)."""
+        return (self.start.date() - self.place_start.date()).days
+
+
+def office_hours(
+    tz: str, hours: str, in_tz: str, on: date | datetime | None = None
+) -> OfficeHours:
+    """Office hours "HH:MM-HH:MM" of a place in zone `tz`, shown in zone `in_tz`, on a day.
+
+    `on` is the place's calendar day (a datetime is first converted to `tz`); today
+    by default, so the conversion uses the offset in force on that day.
+    """
+    place = zone(tz)
+    opens, closes = _parse_hours(hours)
+    if on is None:
+        day = datetime.now(place).date()
+    elif isinstance(on, datetime):
+        day = (on if on.tzinfo else on.replace(tzinfo=UTC)).astimezone(place).date()
+    else:
+        day = on
+    place_start = datetime.combine(day, opens, tzinfo=place)
+    place_end = datetime.combine(day, closes, tzinfo=place)
+    target = zone(in_tz)
+    return OfficeHours(
+        start=place_start.astimezone(target),
+        end=place_end.astimezone(target),
+        place_start=place_start,
+        place_end=place_end,
+    )
+
+
+def local_time(moment: datetime, tz: str, fmt: str = "%Y-%m-%d %H:%M") -> str:
+    """`moment` shown as wall-clock time in zone `tz`."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(zone(tz)).strftime(fmt)
+
+
+def _parse_hours(hours: str) -> tuple[time, time]:
+    try:
+        first, _, second = hours.replace("\N{EN DASH}", "-").partition("-")
+        opens, closes = time.fromisoformat(first.strip()), time.fromisoformat(second.strip())
+    except ValueError:
+        raise ValueError(f"office hours must look like '09:00-18:00', not {hours!r}") from None
+    if closes <= opens:
+        raise ValueError(f"office hours {hours!r} close before they open")
+    return opens, closes

@@ -1,0 +1,355 @@
+"""Deliver finished messages: SMTP through a pool of reused sessions, or a dry run into files.
+
+The only module that imports aiosmtplib; its errors become ours here, once.
+A transport never re-sends a message whose final "." reached the server
+without a reply: that message's fate is unknown (RFC 1047), and it is
+reported as such instead of risking a second copy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import csv
+import re
+import ssl
+from pathlib import Path
+from typing import Protocol
+
+import aiosmtplib
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
+
+from appeal_mailer.config import SendingSettings, SmtpSettings
+from appeal_mailer.errors import (
+    DeliveryError,
+    PermanentDeliveryError,
+    ServerError,
+    TransientDeliveryError,
+)
+from appeal_mailer.models import DeliveryResult, Envelope, State
+from appeal_mailer.ratelimit import RateLimiter
+
+# RFC 5321 4.5.2: a line of the message starting with "." gets one more ".".
+_LEADING_DOT = re.compile(rb"(?m)^\.")
+_UNSAFE_FILENAME = re.compile(r"[^A-Za-z0-9@._+-]")
+
+
+class Transport(Protocol):
+    """Delivers one message at a time; several `send` calls may run at once."""
+
+    description: str
+
+    async def open(self) -> None:
+        """Get ready to send; raise ServerError if sending is impossible (nothing sent yet)."""
+
+    async def send(self, envelope: Envelope, *, attempts_allowed: int) -> DeliveryResult:
+        """Deliver, retrying transient failures; the result: sent, failed, deferred or unknown."""
+
+    async def close(self) -> None:
+        """Release connections and files."""
+
+
+class SMTPTransport:
+    """SMTP submission through a pool of at most `connections` reused sessions."""
+
+    def __init__(self, smtp: SmtpSettings, sending: SendingSettings, limiter: RateLimiter) -> None:
+        self._smtp = smtp
+        self._backoff = sending.retry_backoff
+        self._max_delay = sending.retry_max_delay
+        self._limiter = limiter
+        self._idle: list[aiosmtplib.SMTP] = []
+        self._all: set[aiosmtplib.SMTP] = set()
+        mode = {"starttls": "STARTTLS", "tls": "TLS", "none": "no TLS"}[smtp.security]
+        auth = f", AUTH as {smtp.username}" if smtp.username else ""
+        self.description = f"{smtp.host}:{smtp.port} ({mode}{auth})"
+
+    async def open(self) -> None:
+        """Open the first session now: a wrong password or a missing STARTTLS stops here."""
+        self._idle.append(await self._connect())
+
+    async def close(self) -> None:
+        for client in list(self._all):
+            with contextlib.suppress(aiosmtplib.SMTPException, OSError):
+                await client.quit(timeout=5)
+            client.close()
+        self._all.clear()
+        self._idle.clear()
+
+    async def handshake(self) -> list[str]:
+        """Connect, EHLO, STARTTLS and AUTH as configured, then QUIT; returns what happened."""
+        client = await self._connect()
+        try:
+            tls = client.get_transport_info("sslcontext") is not None
+            steps = [
+                f"connected to {self._smtp.host}:{self._smtp.port}",
+                "TLS: "
+                + (
+                    "yes, certificate verified"
+                    if tls and self._smtp.verify_tls
+                    else "yes, certificate NOT verified"
+                    if tls
+                    else "no"
+                ),
+                "extensions: " + ", ".join(sorted(client.esmtp_extensions)),
+            ]
+            if self._smtp.username:
+                steps.append(f"AUTH accepted for {self._smtp.username}")
+            return steps
+        finally:
+            await self._discard(client, polite=True)
+
+    async def send(self, envelope: Envelope, *, attempts_allowed: int) -> DeliveryResult:
+        attempts = 0
+        domain = envelope.recipient.rpartition("@")[2]
+
+        def slow_down(_state: RetryCallState) -> None:
+            self._limiter.slow_down()
+
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(max(attempts_allowed, 1)),
+            wait=wait_exponential_jitter(
+                initial=self._backoff, max=self._max_delay, jitter=self._backoff
+            ),
+            retry=retry_if_exception_type(TransientDeliveryError),
+            before_sleep=slow_down,
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    attempts += 1
+                    await self._limiter.acquire(domain)
+                    reply = await self._attempt(envelope)
+        except TransientDeliveryError as exc:
+            self._limiter.slow_down()
+            return _result(envelope, State.DEFERRED, attempts, exc)
+        except PermanentDeliveryError as exc:
+            return _result(envelope, State.FAILED, attempts, exc)
+        except DeliveryError as exc:
+            # Only an error after the final "." is neither transient nor permanent.
+            return _result(envelope, State.UNKNOWN, attempts, exc)
+        self._limiter.succeeded()
+        return DeliveryResult(
+            row_id=envelope.row_id,
+            recipient=envelope.recipient,
+            state=State.SENT,
+            attempts=attempts,
+            code=reply.code,
+            reply=reply.message,
+        )
+
+    async def _attempt(self, envelope: Envelope) -> aiosmtplib.SMTPResponse:
+        try:
+            client = self._idle.pop() if self._idle else await self._connect()
+        except ServerError as exc:
+            if not exc.transient:
+                raise
+            raise TransientDeliveryError(
+                exc.message, recipient=envelope.recipient, code=exc.code, reply=exc.reply
+            ) from exc
+        after_dot = False
+        try:
+            await client.mail(envelope.sender, timeout=self._smtp.timeout)
+            await client.rcpt(envelope.recipient, timeout=self._smtp.timeout)
+            start = await client.execute_command(b"DATA", timeout=self._smtp.timeout)
+            if start.code != 354:
+                raise aiosmtplib.SMTPDataError(start.code, start.message)
+            # RFC 5321 4.1.1.4: the data ends with CRLF.CRLF. From the moment the
+            # final "." is written, a lost reply leaves delivery unknown (RFC 1047).
+            data = _LEADING_DOT.sub(b"..", envelope.data) + b".\r\n"
+            protocol = client.protocol
+            if protocol is None:
+                raise aiosmtplib.SMTPServerDisconnected("connection lost before DATA")
+            protocol.write(data)
+            after_dot = True
+            reply = await protocol.read_response(timeout=self._smtp.timeout)
+            if reply.code != 250:
+                raise aiosmtplib.SMTPDataError(reply.code, reply.message)
+        except aiosmtplib.SMTPResponseException as exc:
+            if exc.code == 421:
+                # RFC 5321 3.8: 421 means the server is closing this session.
+                await self._discard(client, polite=False)
+            else:
+                await self._reset(client)
+            raise _delivery_error(envelope, exc.code, exc.message) from exc
+        except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
+            await self._discard(client, polite=False)
+            detail = str(exc) or type(exc).__name__
+            if after_dot:
+                raise DeliveryError(
+                    f"connection lost after the message was sent, before the server "
+                    f"confirmed it ({detail}): it may or may not have been delivered",
+                    recipient=envelope.recipient,
+                    reply=detail,
+                    after_data=True,
+                ) from exc
+            raise TransientDeliveryError(
+                f"connection lost: {detail}", recipient=envelope.recipient, reply=detail
+            ) from exc
+        self._idle.append(client)
+        return reply
+
+    async def _connect(self) -> aiosmtplib.SMTP:
+        smtp = self._smtp
+        client = aiosmtplib.SMTP(
+            hostname=smtp.host,
+            port=smtp.port,
+            timeout=smtp.timeout,
+            use_tls=smtp.security == "tls",
+            # True, not None: STARTTLS is required, never silently skipped.
+            start_tls=smtp.security == "starttls",
+            validate_certs=smtp.verify_tls,
+            tls_context=_tls_context(smtp) if smtp.security != "none" else None,
+            local_hostname=smtp.local_hostname,
+            username=smtp.username or None,
+            password=smtp.password.get_secret_value() if smtp.password else None,
+        )
+        try:
+            await client.connect()
+        except aiosmtplib.SMTPAuthenticationError as exc:
+            client.close()
+            raise ServerError(
+                f"AUTH refused for user {smtp.username!r}",
+                host=smtp.host,
+                port=smtp.port,
+                code=exc.code,
+                reply=exc.message,
+                hint="check the username in [smtp] and APPEAL_MAILER_SMTP__PASSWORD",
+            ) from exc
+        except ssl.SSLCertVerificationError as exc:
+            client.close()
+            raise ServerError(
+                f"the server's TLS certificate is not trusted: {exc.verify_message}",
+                host=smtp.host,
+                port=smtp.port,
+                hint="check [smtp] host; for a private CA set [smtp] ca_file",
+            ) from exc
+        except aiosmtplib.SMTPResponseException as exc:
+            client.close()
+            raise ServerError(
+                "the server refused the session",
+                host=smtp.host,
+                port=smtp.port,
+                code=exc.code,
+                reply=exc.message,
+                transient=400 <= exc.code < 500,
+            ) from exc
+        except aiosmtplib.SMTPException as exc:
+            client.close()
+            text = str(exc)
+            if "STARTTLS" in text.upper() or "starttls" in text:
+                raise ServerError(
+                    "the server does not offer STARTTLS, and security = 'starttls' "
+                    "requires it: refusing to send in clear text",
+                    host=smtp.host,
+                    port=smtp.port,
+                    hint="if the server speaks TLS from the start, use security = 'tls' "
+                    "(port 465)",
+                ) from exc
+            transient = isinstance(exc, (aiosmtplib.SMTPConnectError, aiosmtplib.SMTPTimeoutError))
+            raise ServerError(
+                f"cannot use the server: {text}",
+                host=smtp.host,
+                port=smtp.port,
+                transient=transient,
+                hint="check [smtp] host, port and security" if transient else None,
+            ) from exc
+        except OSError as exc:
+            client.close()
+            raise ServerError(
+                f"cannot connect: {exc.strerror or exc}",
+                host=smtp.host,
+                port=smtp.port,
+                transient=True,
+                hint="check [smtp] host and port, and that the server is up",
+            ) from exc
+        self._all.add(client)
+        return client
+
+    async def _reset(self, client: aiosmtplib.SMTP) -> None:
+        # RFC 5321 4.1.1.5: RSET clears the failed transaction so the session can be reused.
+        try:
+            await client.rset(timeout=self._smtp.timeout)
+        except (TimeoutError, aiosmtplib.SMTPException, OSError):
+            await self._discard(client, polite=False)
+            return
+        self._idle.append(client)
+
+    async def _discard(self, client: aiosmtplib.SMTP, *, polite: bool) -> None:
+        self._all.discard(client)
+        if polite:
+            with contextlib.suppress(aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
+                await client.quit(timeout=5)
+        client.close()
+
+
+class DryRunTransport:
+    """Writes each message to `DIR/NNNNNN-address.eml` instead of sending it; opens no socket."""
+
+    def __init__(self, directory: Path) -> None:
+        self._directory = directory
+        self.description = f"dry run: messages written to {directory}/"
+        self._index: list[tuple[str, str, str]] = []
+
+    async def open(self) -> None:
+        self._directory.mkdir(parents=True, exist_ok=True)
+
+    async def send(self, envelope: Envelope, *, attempts_allowed: int) -> DeliveryResult:
+        name = f"{envelope.row_id:06d}-{_UNSAFE_FILENAME.sub('_', envelope.recipient)}.eml"
+        (self._directory / name).write_bytes(envelope.data)
+        self._index.append((name, envelope.recipient, envelope.message_id))
+        return DeliveryResult(
+            row_id=envelope.row_id,
+            recipient=envelope.recipient,
+            state=State.SENT,
+            attempts=1,
+            reply=f"written to {name}",
+        )
+
+    async def close(self) -> None:
+        with (self._directory / "index.csv").open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["file", "email", "message_id"])
+            writer.writerows(self._index)
+
+
+def _tls_context(smtp: SmtpSettings) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(smtp.ca_file) if smtp.ca_file else None)
+    if not smtp.verify_tls:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _delivery_error(envelope: Envelope, code: int, message: str) -> DeliveryError:
+    # RFC 5321 4.2.1: 4yz is a transient failure, 5yz a permanent one.
+    if 400 <= code < 500:
+        return TransientDeliveryError(
+            f"deferred by the server: {code} {message}",
+            recipient=envelope.recipient,
+            code=code,
+            reply=message,
+        )
+    return PermanentDeliveryError(
+        f"refused by the server: {code} {message}",
+        recipient=envelope.recipient,
+        code=code,
+        reply=message,
+    )
+
+
+def _result(envelope: Envelope, state: State, attempts: int, exc: DeliveryError) -> DeliveryResult:
+    return DeliveryResult(
+        row_id=envelope.row_id,
+        recipient=envelope.recipient,
+        state=state,
+        attempts=attempts,
+        code=exc.code,
+        reply=exc.reply or exc.message,
+    )
