@@ -114,7 +114,7 @@ class SMTPTransport:
         retrying = AsyncRetrying(
             stop=stop_after_attempt(max(attempts_allowed, 1)),
             wait=wait_exponential_jitter(
-                initial=self._backoff, max=self._max_delay, jitter=self._backoff
+                multiplier=self._backoff, max=self._max_delay, jitter=self._backoff
             ),
             retry=retry_if_exception_type(TransientDeliveryError),
             before_sleep=slow_down,

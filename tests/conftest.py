@@ -1,0 +1,180 @@
+"""Fixtures chained from a recording SMTP server on port 0: server -> config -> list -> CLI run."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import ssl
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tomli_w
+import trustme
+from click.testing import CliRunner, Result
+
+from appeal_mailer.cli import main
+from tests.smtpd import RecordingServer
+
+ROOT = Path(__file__).resolve().parent.parent
+TEMPLATES = ROOT / "templates"
+EXAMPLE_CONFIG = ROOT / "config.example.toml"
+EXAMPLE_LIST = ROOT / "lists" / "unions.csv"
+
+ConfigWriter = Callable[..., Path]
+ListWriter = Callable[..., Path]
+CliRun = Callable[..., Result]
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No APPEAL_MAILER_* variable of the developer's shell leaks into a test."""
+    import os  # noqa: PLC0415
+
+    for name in list(os.environ):
+        if name.startswith("APPEAL_MAILER_") or name == "CREDENTIALS_DIRECTORY":
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def smtp_server() -> Iterator[RecordingServer]:
+    """A plain (loopback, no TLS) recording SMTP server."""
+    server = RecordingServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="session")
+def server_tls_context(ca: trustme.CA) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost", "127.0.0.1").configure_cert(context)
+    return context
+
+
+@pytest.fixture
+def ca_file(ca: trustme.CA, tmp_path: Path) -> Path:
+    path = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(path))
+    return path
+
+
+def base_config(server: RecordingServer, tmp_path: Path) -> dict[str, Any]:
+    """A config that sends to `server` quickly: no rate limit, short retry delays."""
+    return {
+        "smtp": {
+            "host": server.host,
+            "port": server.port,
+            "security": "none",
+            "timeout": 5.0,
+            "connections": 2,
+        },
+        "sending": {
+            "rate": 0,
+            "max_attempts": 5,
+            "attempts_per_run": 3,
+            "retry_backoff": 0.01,
+            "retry_max_delay": 0.05,
+        },
+        "campaign": {
+            "id": "test-campaign",
+            "from": "Solidarity Committee <appeal@example.org>",
+            "list_id": "Solidarity <test.lists.example.org>",
+            "unsubscribe_mailto": "unsubscribe@example.org",
+            "template": "appeal",
+            "templates": str(TEMPLATES),
+            "timezone": "Europe/London",
+            "context": _example_context(),
+        },
+        "ledger": {"path": str(tmp_path / "ledger.db")},
+    }
+
+
+def _example_context() -> dict[str, Any]:
+    import tomllib  # noqa: PLC0415
+
+    with EXAMPLE_CONFIG.open("rb") as handle:
+        context: dict[str, Any] = tomllib.load(handle)["campaign"]["context"]
+    return context
+
+
+def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        elif value is None:
+            merged.pop(key, None)
+        else:
+            merged[key] = value
+    return merged
+
+
+@pytest.fixture
+def write_config(smtp_server: RecordingServer, tmp_path: Path) -> ConfigWriter:
+    """Write config.toml for `smtp_server`; keyword sections override (None removes a key)."""
+
+    def write(**sections: dict[str, Any]) -> Path:
+        data = _merge(base_config(smtp_server, tmp_path), sections)
+        path = tmp_path / "config.toml"
+        path.write_text(tomli_w.dumps(data), encoding="utf-8")
+        return path
+
+    return write
+
+
+@pytest.fixture
+def config_file(write_config: ConfigWriter) -> Path:
+    return write_config()
+
+
+@pytest.fixture
+def write_list(tmp_path: Path) -> ListWriter:
+    """Write a CSV list: `write_list(rows)` with a header from the first row's keys."""
+
+    def write(
+        rows: Sequence[dict[str, str]], name: str = "list.csv", header: Sequence[str] | None = None
+    ) -> Path:
+        path = tmp_path / name
+        columns = list(header or rows[0].keys())
+        with path.open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+        return path
+
+    return write
+
+
+@pytest.fixture
+def subscribers() -> list[dict[str, str]]:
+    """Ten plain subscribers."""
+    return [
+        {"email": f"member{i}@example.org", "name": f"Member {i}", "organization": "Branch 7"}
+        for i in range(10)
+    ]
+
+
+@pytest.fixture
+def example_list(tmp_path: Path) -> Path:
+    target = tmp_path / "unions.csv"
+    shutil.copy(EXAMPLE_LIST, target)
+    return target
+
+
+@pytest.fixture
+def run_cli(config_file: Path) -> CliRun:
+    """Run `appeal-mailer --config <config_file> ARGS...` in this process."""
+
+    def run(*args: str, config: Path | None = None, input: str | None = None) -> Result:
+        runner = CliRunner()
+        return runner.invoke(
+            main, ["--config", str(config or config_file), *args], input=input, catch_exceptions=False
+        )
+
+    return run
