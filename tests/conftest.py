@@ -174,7 +174,10 @@ def run_cli(config_file: Path) -> CliRun:
     def run(*args: str, config: Path | None = None, input: str | None = None) -> Result:
         runner = CliRunner()
         return runner.invoke(
-            main, ["--config", str(config or config_file), *args], input=input, catch_exceptions=False
+            main,
+            ["--config", str(config or config_file), *args],
+            input=input,
+            catch_exceptions=False,
         )
 
     return run

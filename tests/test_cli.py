@@ -1,4 +1,4 @@
-"""The command line as a moderator and an operator use it: dry run, confirmation, check, status, init."""
+"""The command line as moderators and operators use it: dry run, confirm, check, status, init."""
 
 from __future__ import annotations
 
@@ -200,7 +200,7 @@ def _run_in_terminal(args: list[str], answer: str, cwd: Path) -> str:
 def test_in_a_terminal_send_shows_the_plan_and_a_sample_and_no_sends_nothing(
     config_file: Path, example_list: Path, smtp_server: RecordingServer, tmp_path: Path
 ) -> None:
-    """In a terminal, `send` shows count, template, server, rate and a sample; "n" sends nothing."""
+    """In a terminal, `send` shows count, template, server, rate, a sample; "n" sends nothing."""
     shown = _run_in_terminal(
         ["--config", str(config_file), "send", str(example_list)], "n", tmp_path
     )
@@ -280,7 +280,7 @@ def test_status_csv_cells_cannot_start_a_spreadsheet_formula(
     for row in rows[1:]:
         for cell in row:
             assert not cell.startswith(("=", "+", "-", "@")), row
-    assert ["'-dash@example.org", "appeal", "failed"] == rows[1][:3]
+    assert rows[1][:3] == ["'-dash@example.org", "appeal", "failed"]
     assert rows[1][5].startswith("'=HYPHERLINK")
 
 
@@ -292,7 +292,8 @@ def test_status_table_lists_problems_with_their_replies(
     path = write_list([{"email": "gone@example.org"}, {"email": "here@example.org"}])
     run_cli("send", str(path), "--yes")
     table = run_cli("status").output
-    assert "sent" in table and "failed" in table
+    assert "sent" in table
+    assert "failed" in table
     assert "gone@example.org" in table
     assert "Mailbox gone" in table
 
@@ -353,7 +354,8 @@ def test_a_list_with_no_valid_row_stops_with_exit_1(
     result = run_cli("send", str(path), "--yes")
     assert result.exit_code == 1
     assert "no valid recipients" in result.output
-    assert "line 2" in result.output and "line 3" in result.output
+    assert "line 2" in result.output
+    assert "line 3" in result.output
     assert smtp_server.messages == []
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from tests.conftest import CliRun, ListWriter
 from tests.smtpd import RecordingServer
 
@@ -23,4 +21,5 @@ def test_send_delivers_one_message_per_unique_valid_row(
     result = run_cli("send", str(path), "--yes")
     assert result.exit_code == 0, result.output
     assert sorted(smtp_server.recipients()) == ["anna@example.org", "boris@example.net"]
-    assert "line 3" in result.output and "line 4" in result.output
+    assert "line 3" in result.output
+    assert "line 4" in result.output
