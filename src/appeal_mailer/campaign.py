@@ -230,6 +230,8 @@ class CampaignRun:
         connections = 1 if self.dry_run else self.settings.smtp.connections
         report.due = await self._db(self.ledger.count_due, campaign, self.step, run_id, self.now)
         todo = report.due if self.limit is None else min(report.due, self.limit)
+        if todo == 0:
+            return
         if progress is not None:
             progress.start(todo)
         feed: asyncio.Queue[_Job | None] = asyncio.Queue(maxsize=_CLAIM_BATCH * 2)
@@ -332,14 +334,16 @@ class CampaignRun:
                 if streak >= _UNREACHABLE_STREAK:
                     self.stop(f"{streak} messages in a row could not reach the server")
 
+        # Only now, with something to send: a wrong password or a server without
+        # STARTTLS stops the run here, before any message.
         await self.transport.open()
+        recorder = asyncio.create_task(record())
         try:
             workers = [asyncio.create_task(deliver()) for _ in range(connections)]
-            recorder = asyncio.create_task(record())
             await asyncio.gather(produce(), claim(), *workers)
+        finally:
             await results.put(None)
             await recorder
-        finally:
             with contextlib.suppress(Exception):
                 await self.transport.close()
             if unsent:
