@@ -22,9 +22,10 @@ import click
 
 from appeal_mailer import __version__
 from appeal_mailer.errors import AppealMailerError, ConfigError
+from appeal_mailer.models import NAME_MAX, NAME_PATTERN
 
 EXIT_OK, EXIT_STOPPED, EXIT_USAGE, EXIT_TROUBLE = 0, 1, 2, 3
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+NAME_RE = re.compile(NAME_PATTERN)
 log = logging.getLogger("appeal_mailer")
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -46,9 +47,11 @@ class _Context:
 
 
 def _name(_ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    if value is not None and not NAME_RE.match(value):
+    if value is not None and (len(value) > NAME_MAX or not NAME_RE.match(value)):
         raise click.BadParameter(
-            "letters, digits, '.', '_' and '-' only (it goes into Message-IDs)", param=param
+            f"at most {NAME_MAX} letters, digits, '_', '-' and single inner dots "
+            "(it goes into Message-IDs)",
+            param=param,
         )
     return value
 

@@ -33,15 +33,13 @@ from pydantic_settings import (
 )
 
 from appeal_mailer.errors import ConfigError
+from appeal_mailer.models import NAME_MAX, NAME_PATTERN
 
 ENV_PREFIX = "APPEAL_MAILER_"
 CONFIG_ENV = "APPEAL_MAILER_CONFIG"
 SECRETS_DIR_ENV = "APPEAL_MAILER_SECRETS_DIR"
 DEFAULT_CONFIG = Path("config.toml")
 
-# Campaign and step names go into Message-IDs and List-Id, so they must be
-# dot-atom text (RFC 5322 3.2.3) and safe in file names.
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 DEFAULT_PORTS = {"starttls": 587, "tls": 465, "none": 25}
 
 
@@ -103,11 +101,11 @@ class SendingSettings(_Section):
 
 
 class CampaignSettings(_Section):
-    id: str = Field(pattern=NAME_PATTERN)
+    id: str = Field(pattern=NAME_PATTERN, max_length=NAME_MAX)
     from_: str = Field(alias="from")
     reply_to: str | None = None
     list_id: str
-    template: str = Field(default="appeal", pattern=NAME_PATTERN)
+    template: str = Field(default="appeal", pattern=NAME_PATTERN, max_length=NAME_MAX)
     templates: Path = Path("templates")
     timezone: str = "UTC"
     language: str = "en"
@@ -130,21 +128,51 @@ class CampaignSettings(_Section):
         """The List-Id phrase (maybe empty) and its dot-atom identifier."""
         return _parse_list_id(self.list_id)
 
+    # Single-key checks are field validators so that the error names the key
+    # ("[campaign] list_id"), not only the section; parsed once here so that a bad
+    # value is reported at load time.
+    @field_validator("from_")
+    @classmethod
+    def _check_from(cls, value: str) -> str:
+        _parse_mailbox(value, "from")
+        return value
+
+    @field_validator("reply_to")
+    @classmethod
+    def _check_reply_to(cls, value: str | None) -> str | None:
+        if value is not None:
+            _parse_mailbox(value, "reply_to")
+        return value
+
+    @field_validator("list_id")
+    @classmethod
+    def _check_list_id(cls, value: str) -> str:
+        _parse_list_id(value)
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _check_timezone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"timezone {value!r} is not an IANA time zone") from exc
+        return value
+
     @model_validator(mode="after")
     def _check_campaign(self) -> CampaignSettings:
-        # Parse once here so that a bad value is reported at load time.
-        _ = self.sender, self.reply_to_mailbox, self.list_id_parts
-        try:
-            ZoneInfo(self.timezone)
-        except (ZoneInfoNotFoundError, ValueError) as exc:
-            raise ValueError(f"timezone {self.timezone!r} is not an IANA time zone") from exc
         if not (self.unsubscribe_mailto or self.unsubscribe_url):
             raise ValueError(
                 "set unsubscribe_mailto or unsubscribe_url: bulk mail must carry "
                 "List-Unsubscribe (RFC 2369)"
             )
         if self.unsubscribe_mailto:
-            _parse_mailbox(self.unsubscribe_mailto, "unsubscribe_mailto")
+            name, address = _parse_mailbox(self.unsubscribe_mailto, "unsubscribe_mailto")
+            if name or address != self.unsubscribe_mailto.strip():
+                raise ValueError(
+                    f"unsubscribe_mailto must be a bare address such as "
+                    f"{address!r}, without a name or angle brackets"
+                )
         if self.unsubscribe_url:
             if not re.match(r"^https?://[^\s<>]+$", self.unsubscribe_url):
                 raise ValueError("unsubscribe_url must be an http(s) URL without spaces")
@@ -250,6 +278,12 @@ def load_settings(path: Path) -> Settings:
                 )
 
     secrets_dir = os.environ.get(SECRETS_DIR_ENV) or os.environ.get("CREDENTIALS_DIRECTORY")
+    if secrets_dir and not Path(secrets_dir).is_dir():
+        raise ConfigError(
+            f"the secrets directory {secrets_dir} does not exist",
+            path=path,
+            hint=f"check ${SECRETS_DIR_ENV} (or $CREDENTIALS_DIRECTORY)",
+        )
     try:
         settings = Settings(
             _secrets_dir=secrets_dir,  # type: ignore[call-arg]  # pydantic-settings init-only arg
@@ -320,7 +354,8 @@ def _parse_mailbox(value: str, key: str) -> tuple[str, str]:
         checked = validate_email(address, check_deliverability=False, allow_smtputf8=False)
     except EmailNotValidError as exc:
         raise ValueError(f"{key}: {exc}") from exc
-    return name, checked.normalized
+    # The ASCII form (an IDN domain as "xn--"): it goes into headers and the envelope.
+    return name, checked.ascii_email or checked.normalized
 
 
 def _parse_list_id(value: str) -> tuple[str, str]:

@@ -51,10 +51,7 @@ def read_recipients(path: Path) -> Iterator[Recipient | SkippedRow]:
                 return
             except csv.Error as exc:
                 raise ListError(
-                    f"broken CSV: {exc}",
-                    path=path,
-                    line=start,
-                    hint="a quote is probably unbalanced; everything after it would be misread",
+                    f"broken CSV: {exc}", path=path, line=start, hint=_hint(exc)
                 ) from exc
             if not row or (len(row) == 1 and not row[0].strip()):
                 continue
@@ -91,13 +88,22 @@ def _decoded_lines(handle: Iterable[bytes], path: Path) -> Iterator[str]:
             ) from None
 
 
+def _hint(exc: csv.Error) -> str:
+    if "new-line character" in str(exc):
+        return (
+            "the lines end in a bare CR (an old Mac format): save the list again as "
+            "'CSV UTF-8' in your spreadsheet program"
+        )
+    return "a quote is probably unbalanced; everything after it would be misread"
+
+
 def _read_header(reader: Iterator[list[str]], path: Path) -> list[str]:
     try:
         header = next(reader)
     except StopIteration:
         raise ListError("the file is empty: a header row is required", path=path) from None
     except csv.Error as exc:
-        raise ListError(f"broken CSV header: {exc}", path=path, line=1) from exc
+        raise ListError(f"broken CSV header: {exc}", path=path, line=1, hint=_hint(exc)) from exc
     names = [unicodedata.normalize("NFC", name).strip().lower() for name in header]
     if "email" not in names:
         raise ListError(
@@ -124,8 +130,9 @@ def _recipient(  # noqa: PLR0911  # one early return per way a row can be refuse
         )
     values: dict[str, str] = {}
     for name, raw in zip(header, row, strict=True):
-        value = unicodedata.normalize("NFC", raw).strip()
+        value = unicodedata.normalize("NFC", raw)
         pattern = _CONTROL if name in KNOWN_COLUMNS else _CONTROL_IN_BODY
+        # Searched before stripping: a trailing CR/LF is refused, not trimmed away.
         bad = pattern.search(value)
         if bad:
             return SkippedRow(
@@ -133,7 +140,7 @@ def _recipient(  # noqa: PLR0911  # one early return per way a row can be refuse
                 f"contains the control character U+{ord(bad.group()):04X}, refused",
                 field=name,
             )
-        values[name] = value
+        values[name] = value.strip()
 
     address = values.pop("email")
     if not address:

@@ -28,9 +28,23 @@ FOLD_AT = 78
 _ENCODED_WORD_MAX = 75
 _B_PREFIX = "=?utf-8?b?"
 _B_SUFFIX = "?="
-# RFC 5322 3.2.3 atext, plus space: a display name of only these needs no quoting.
-_ATEXT_PHRASE = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~ -]*$")
+# Ours are also short enough to fit within FOLD_AT after the longest field name
+# that carries them ("Reply-To: "); the room is in UTF-8 bytes, 3 per 4 base64 characters.
+_ENCODED_WORD_ROOM = (
+    (min(_ENCODED_WORD_MAX, FOLD_AT - len("Reply-To: ")) - len(_B_PREFIX) - len(_B_SUFFIX))
+    // 4
+    * 3
+)
+# The longest word left unencoded in a display name or Subject, for the same reason.
+_PLAIN_WORD_MAX = FOLD_AT - 12
+# RFC 5322 3.2.3 atoms separated by single spaces: a display name of only these
+# needs no quoting (a run of spaces between atoms would read as one space).
+_ATEXT_PHRASE = re.compile(
+    r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?: [A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*$"
+)
 _ASCII_PRINTABLE = re.compile(r"^[\x20-\x7e]*$")
+# Deleting these from a body leaves its non-ASCII bytes, counted in C.
+_ASCII_BYTES = bytes(range(128))
 # A body this non-ASCII (Cyrillic, Kazakh, CJK) is shorter in base64 than in
 # quoted-printable, which spends three characters on every non-ASCII byte.
 _BASE64_RATIO = 0.3
@@ -60,7 +74,7 @@ class MessageBuilder:
         )
         fixed.append(b"Precedence: bulk\r\nMIME-Version: 1.0\r\n")
         self._fixed = b"".join(fixed)
-        self._date_cache: tuple[int, bytes] = (0, b"")
+        self._date_cache: tuple[int | None, bytes] = (None, b"")
 
     def message_id(self, step: str, email: str) -> str:
         """The Message-ID for (campaign, step, recipient): the same on every attempt and resend.
@@ -158,11 +172,16 @@ def phrase(text: str) -> str:
     """A display name as an RFC 5322 phrase: atoms, a quoted-string, or RFC 2047 words."""
     if not text:
         return ""
-    if _ATEXT_PHRASE.match(text):
-        return text
+    # RFC 2047 6.1: "=?" in plain text could be read as an encoded-word.
     if _ASCII_PRINTABLE.match(text) and "=?" not in text:
-        escaped = text.replace("\\", "\\\\").replace('"', '\\"')
-        return f'"{escaped}"'
+        if _ATEXT_PHRASE.match(text):
+            shown = text
+        else:
+            escaped = text.replace("\\", "\\\\").replace('"', '\\"')
+            shown = f'"{escaped}"'
+        # RFC 5322 2.1.1: a word too long to fold would make an over-long line.
+        if len(shown) <= _PLAIN_WORD_MAX or _longest_word(shown) <= _PLAIN_WORD_MAX:
+            return shown
     # RFC 2047 5(3): encoded-words may stand in a phrase.
     return " ".join(encoded_words(text))
 
@@ -174,10 +193,14 @@ def mailbox(name: str, address: str) -> str:
 
 def unstructured(text: str) -> str:
     """An unstructured value (Subject): as is when plain short ASCII, else RFC 2047 words."""
-    longest = max((len(word) for word in text.split(" ")), default=0)
-    if _ASCII_PRINTABLE.match(text) and "=?" not in text and longest <= FOLD_AT - 12:
+    plain = _ASCII_PRINTABLE.match(text) and "=?" not in text
+    if plain and _longest_word(text) <= _PLAIN_WORD_MAX:
         return text
     return " ".join(encoded_words(text))
+
+
+def _longest_word(text: str) -> int:
+    return max((len(word) for word in text.split(" ")), default=0)
 
 
 def encoded_words(text: str) -> list[str]:
@@ -186,7 +209,7 @@ def encoded_words(text: str) -> list[str]:
     RFC 2047 5: each encoded-word must hold complete characters, so the UTF-8
     bytes are split only between characters.
     """
-    room = (_ENCODED_WORD_MAX - len(_B_PREFIX) - len(_B_SUFFIX)) // 4 * 3
+    room = _ENCODED_WORD_ROOM
     words: list[str] = []
     chunk = bytearray()
     for char in text:
@@ -206,12 +229,16 @@ def body_part(text: str, subtype: str, *, force_encoding: bool) -> bytes:
     if not data.endswith("\n"):
         data += "\n"
     raw = data.encode("utf-8")
-    non_ascii = sum(1 for byte in raw if byte > 0x7F) if not raw.isascii() else 0
+    non_ascii = len(raw.translate(None, _ASCII_BYTES))
     longest = max((len(line) for line in raw.split(b"\n")), default=0)
-    if not force_encoding and non_ascii == 0 and longest <= 998:
+    # RFC 2045 2.7: 7bit data has no NUL (nor does any RFC 5322 body, 3.5).
+    if not force_encoding and non_ascii == 0 and longest <= 998 and b"\0" not in raw:
         cte, body = "7bit", raw.replace(b"\n", CRLF)
     elif non_ascii > len(raw) * _BASE64_RATIO:
         cte = "base64"
+        # RFC 2045 6.8, RFC 2046 4.1.1: text is base64-encoded in its canonical
+        # form, so its line breaks become CRLF before encoding.
+        raw = raw.replace(b"\n", CRLF)
         body = b"".join(
             base64.b64encode(raw[i : i + _BASE64_LINE]) + CRLF
             for i in range(0, len(raw), _BASE64_LINE)

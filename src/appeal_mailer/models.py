@@ -9,6 +9,11 @@ from types import MappingProxyType
 
 _EMPTY: Mapping[str, str] = MappingProxyType({})
 
+# Campaign and step names go into Message-IDs, List-Id and file names, so they
+# are dot-atoms (RFC 5322 3.2.3): no leading, trailing or doubled dot.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)*$"
+NAME_MAX = 64
+
 
 class State(enum.StrEnum):
     """The one state of a (campaign, step, recipient) row in the ledger."""

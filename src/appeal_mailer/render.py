@@ -139,7 +139,9 @@ class Renderer:
         }
         subject = ""
         for header in self._headers:
-            value = self._run(header.template, context, recipient, self.text_name).strip()
+            value = self._run(
+                header.template, context, recipient, self.text_name, line=header.line
+            ).strip()
             bad = _HEADER_UNSAFE.search(value)
             if bad:
                 raise TemplateError(
@@ -150,14 +152,15 @@ class Renderer:
                     recipient_line=recipient.line,
                     recipient=recipient.email,
                 )
+            if not value:
+                raise TemplateError(
+                    f"the {header.name} is empty",
+                    template=self.text_name,
+                    line=header.line,
+                    recipient_line=recipient.line,
+                    recipient=recipient.email,
+                )
             subject = value
-        if not subject:
-            raise TemplateError(
-                "the Subject is empty",
-                template=self.text_name,
-                recipient_line=recipient.line,
-                recipient=recipient.email,
-            )
         text = self._run(self._text, context, recipient, self.text_name)
         html = None
         if self._html is not None:
@@ -259,14 +262,19 @@ class Renderer:
 
     @staticmethod
     def _run(
-        template: jinja2.Template, context: dict[str, Any], recipient: Recipient, name: str
+        template: jinja2.Template,
+        context: dict[str, Any],
+        recipient: Recipient,
+        name: str,
+        *,
+        line: int | None = None,
     ) -> str:
         try:
             return template.render(context)
         except TemplateError:
             raise
         except (jinja2.TemplateError, ValueError, LookupError, TypeError, ArithmeticError) as exc:
-            where, line = _template_position(exc.__traceback__, name)
+            where, line = _template_position(exc.__traceback__, name, line)
             message = exc.message if isinstance(exc, jinja2.TemplateError) else str(exc)
             raise TemplateError(
                 f"{type(exc).__name__}: {message}",
@@ -278,15 +286,19 @@ class Renderer:
             ) from exc
 
 
-def _template_position(tb: TracebackType | None, default: str) -> tuple[str, int | None]:
+def _template_position(
+    tb: TracebackType | None, default: str, header_line: int | None = None
+) -> tuple[str, int | None]:
     # Jinja rewrites tracebacks so that template frames carry the template's file
     # name and line: the innermost such frame is where rendering failed.
-    where, line = default, None
+    # A header value is compiled from a string ("<template>"): its line is the
+    # header's line in the file, which the caller knows.
+    where, line = default, header_line
     while tb is not None:
         filename = tb.tb_frame.f_code.co_filename
         if filename.endswith(".j2"):
             where, line = Path(filename).name, tb.tb_lineno
         elif filename == "<template>":
-            line = None
+            line = header_line
         tb = tb.tb_next
     return where, line
