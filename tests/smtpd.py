@@ -12,6 +12,8 @@ import asyncio
 import collections
 import ssl
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +35,19 @@ class Received:
     peer: Any
     tls: bool
     login: str | None
+    # Which session (1, 2, ... in the order they were opened) carried it, and when.
+    session: int = 0
+    received_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class SessionRecord:
+    """One SMTP session (connection) as the server saw it."""
+
+    number: int
+    tls: bool = False
+    login: str | None = None
+    messages: int = 0
 
 
 @dataclass
@@ -44,12 +59,41 @@ class _Faults:
 
 
 class _Handler:
-    def __init__(self, server: RecordingServer) -> None:
+    def __init__(self, server: RecordingServer, record: SessionRecord) -> None:
         self.server = server
+        self.record = record
+
+    def _observe(self, smtp: SMTP, session: Session) -> tuple[bool, str | None]:
+        # Implicit TLS sets neither _tls_protocol nor session.ssl: ask the transport.
+        transport = smtp.transport
+        tls = (
+            smtp._tls_protocol is not None
+            or session.ssl is not None
+            or (transport is not None and transport.get_extra_info("ssl_object") is not None)
+        )
+        login = session.auth_data.decode() if isinstance(session.auth_data, bytes) else None
+        with self.server.lock:
+            self.record.tls = self.record.tls or tls
+            self.record.login = login or self.record.login
+        return tls, login
+
+    async def handle_MAIL(
+        self, smtp: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        # Faults at "mail" are keyed by the sender: MAIL FROM names no recipient yet.
+        fault = self.server.next_fault(address, "mail")
+        if fault is not None:
+            return await self._fault(smtp, fault)
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 OK"
 
     async def handle_RCPT(
         self, smtp: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
+        self._observe(smtp, session)
+        with self.server.lock:
+            self.server.rcpt_attempts[address.lower()] += 1
         fault = self.server.next_fault(address, "rcpt")
         if fault is not None:
             return await self._fault(smtp, fault)
@@ -61,16 +105,21 @@ class _Handler:
         fault = self.server.next_fault(address, "data")
         if fault is not None and fault != DROP_AFTER_DATA:
             return await self._fault(smtp, fault)
+        tls, login = self._observe(smtp, session)
         received = Received(
             mail_from=envelope.mail_from or "",
             rcpt_tos=list(envelope.rcpt_tos),
             data=envelope.original_content or b"",
             peer=session.peer,
-            tls=smtp._tls_protocol is not None or session.ssl is not None,
-            login=session.auth_data.decode() if isinstance(session.auth_data, bytes) else None,
+            tls=tls,
+            login=login,
+            session=self.record.number,
         )
+        if self.server.on_data is not None:
+            self.server.on_data(received)
         with self.server.lock:
             self.server.messages.append(received)
+            self.record.messages += 1
         if fault == DROP_AFTER_DATA:
             # The message is in; the reply never leaves (RFC 1047's lost "250").
             return await self._fault(smtp, DROP)
@@ -105,6 +154,12 @@ class RecordingServer:
         self.port = 0
         self.messages: list[Received] = []
         self.connections = 0
+        self.sessions: list[SessionRecord] = []
+        # Called on the server's thread for each message, after its final dot and
+        # before the reply: a test can look at the world at that moment.
+        self.on_data: Callable[[Received], None] | None = None
+        # RCPT commands seen per (lower-cased) address, accepted or not.
+        self.rcpt_attempts: collections.Counter[str] = collections.Counter()
         self.lock = threading.Lock()
         self._faults = _Faults()
         self._starttls_context = starttls_context
@@ -114,18 +169,35 @@ class RecordingServer:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._server: asyncio.AbstractServer | None = None
+        self._live: list[SMTP] = []
         self.stopped: asyncio.Event
 
     # -- faults ---------------------------------------------------------------
 
     def fail(self, address: str, stage: str, *faults: str) -> None:
-        """Queue faults for `address` at `stage` ("rcpt" or "data"), used once each, in order."""
+        """Queue faults for `address` at `stage`, used once each, in order.
+
+        `stage` is "rcpt" or "data" (keyed by recipient), or "mail" (keyed by the
+        sender: MAIL FROM names no recipient yet).
+        """
         with self.lock:
             self._faults.queues[(address.lower(), stage)].extend(faults)
 
     def fail_always(self, address: str, stage: str, fault: str) -> None:
         with self.lock:
             self._faults.every[f"{address.lower()}/{stage}"] = fault
+
+    def clear_faults(self, address: str | None = None) -> None:
+        """Forget queued and permanent faults (for `address`, or for everyone)."""
+        with self.lock:
+            if address is None:
+                self._faults.queues.clear()
+                self._faults.every.clear()
+                return
+            key = address.lower()
+            for stage in ("mail", "rcpt", "data"):
+                self._faults.queues.pop((key, stage), None)
+                self._faults.every.pop(f"{key}/{stage}", None)
 
     def next_fault(self, address: str, stage: str) -> str | None:
         with self.lock:
@@ -142,6 +214,26 @@ class RecordingServer:
 
     def count_by_recipient(self) -> collections.Counter[str]:
         return collections.Counter(self.recipients())
+
+    def received_for(self, address: str) -> list[Received]:
+        """The messages accepted for `address` (case-insensitive), in arrival order."""
+        key = address.lower()
+        with self.lock:
+            return [m for m in self.messages if key in (r.lower() for r in m.rcpt_tos)]
+
+    def close_sessions(self) -> int:
+        """Close every open session from the server's side (an idle timeout); returns how many."""
+
+        async def close() -> int:
+            closed = 0
+            for smtp in self._live:
+                if smtp.transport is not None and not smtp.transport.is_closing():
+                    smtp.transport.close()
+                    closed += 1
+            await asyncio.sleep(0.05)
+            return closed
+
+        return asyncio.run_coroutine_threadsafe(close(), self._loop).result(timeout=10)
 
     # -- life -------------------------------------------------------------------
 
@@ -161,8 +253,10 @@ class RecordingServer:
         def factory() -> SMTP:
             with self.lock:
                 self.connections += 1
-            return SMTP(
-                _Handler(self),
+                record = SessionRecord(number=self.connections)
+                self.sessions.append(record)
+            smtp = SMTP(
+                _Handler(self, record),
                 hostname="test.smtp.invalid",
                 tls_context=self._starttls_context,
                 require_starttls=self._require_starttls,
@@ -170,6 +264,8 @@ class RecordingServer:
                 auth_require_tls=True,
                 auth_required=self._credentials is not None,
             )
+            self._live.append(smtp)
+            return smtp
 
         self._server = await self._loop.create_server(
             factory, self.host, 0, ssl=self._implicit_tls_context
@@ -188,5 +284,9 @@ class RecordingServer:
         if isinstance(auth_data, LoginPassword) and self._credentials is not None:
             user, password = self._credentials
             ok = auth_data.login.decode() == user and auth_data.password.decode() == password
-            return AuthResult(success=ok, auth_data=auth_data.login if ok else None)
+            if ok:
+                return AuthResult(success=True, auth_data=auth_data.login)
+            # handled=False: aiosmtpd then replies "535 5.7.8" itself; with the
+            # default (True) it would send no reply at all and the client would hang.
+            return AuthResult(success=False, handled=False)
         return AuthResult(success=False, handled=False)

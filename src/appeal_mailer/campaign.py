@@ -264,30 +264,37 @@ class CampaignRun:
             finally:
                 await feed.put(None)
 
+        # Rows are claimed only as workers can take them: a crash turns every
+        # `sending` row into `unknown`, never re-sent, so claiming ahead of the pace
+        # would lose the rest of the list. Each worker may hold one message in flight
+        # and one claimed next, so that its next claim commit overlaps its SMTP work.
+        free = asyncio.Semaphore(2 * connections)
+
         async def claim() -> None:
             done = False
             while not done:
                 first = await feed.get()
-                batch: list[_Job] = []
                 if first is None:
-                    done = True
-                else:
-                    batch.append(first)
-                while not done and len(batch) < _CLAIM_BATCH and not feed.empty():
+                    break
+                await free.acquire()
+                batch = [first]
+                # Group the claims of workers that are free at the same time into one commit.
+                while len(batch) < _CLAIM_BATCH and not feed.empty() and not free.locked():
                     job = feed.get_nowait()
                     if job is None:
                         done = True
-                    else:
-                        batch.append(job)
-                if not batch:
-                    continue
+                        break
+                    await free.acquire()  # returns at once: not locked
+                    batch.append(job)
                 ids = [job.envelope.row_id for job in batch]
                 claimed, suppressed = await self._db(self.ledger.claim, ids, run_id)
                 claimed_set, suppressed_set = set(claimed), set(suppressed)
                 for job in batch:
                     if job.envelope.row_id in claimed_set:
                         await ready.put(job)
-                    elif job.envelope.row_id in suppressed_set:
+                        continue
+                    free.release()
+                    if job.envelope.row_id in suppressed_set:
                         report.suppressed += 1
                         if progress is not None:
                             progress.advance(_suppressed(job.envelope))
@@ -296,20 +303,23 @@ class CampaignRun:
 
         async def deliver() -> None:
             while (job := await ready.get()) is not None:
-                if self._stop.is_set():
-                    unsent.append(job.envelope.row_id)
-                    continue
-                allowed = min(
-                    self.settings.sending.attempts_per_run,
-                    self.settings.sending.max_attempts - job.attempts_before,
-                )
                 try:
-                    result = await self.transport.send(job.envelope, attempts_allowed=allowed)
-                except ServerError as exc:
-                    self.stop(str(exc))
-                    unsent.append(job.envelope.row_id)
-                    continue
-                await results.put(self._settle(result, job.attempts_before))
+                    if self._stop.is_set():
+                        unsent.append(job.envelope.row_id)
+                        continue
+                    allowed = min(
+                        self.settings.sending.attempts_per_run,
+                        self.settings.sending.max_attempts - job.attempts_before,
+                    )
+                    try:
+                        result = await self.transport.send(job.envelope, attempts_allowed=allowed)
+                    except ServerError as exc:
+                        self.stop(str(exc))
+                        unsent.append(job.envelope.row_id)
+                        continue
+                    await results.put(self._settle(result, job.attempts_before))
+                finally:
+                    free.release()
 
         async def record() -> None:
             streak = 0

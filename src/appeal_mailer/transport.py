@@ -146,7 +146,7 @@ class SMTPTransport:
 
     async def _attempt(self, envelope: Envelope) -> aiosmtplib.SMTPResponse:
         try:
-            client = self._idle.pop() if self._idle else await self._connect()
+            client = await self._session()
         except ServerError as exc:
             if not exc.transient:
                 raise
@@ -177,6 +177,10 @@ class SMTPTransport:
                 await self._discard(client, polite=False)
             else:
                 await self._reset(client)
+            if isinstance(exc, aiosmtplib.SMTPSenderRefused) and exc.code >= 500:
+                # A 5xx to MAIL FROM refuses the sender (policy, quota, AUTH required),
+                # not this recipient: failing each recipient in turn would fail the list.
+                raise _sender_refused(self._smtp, envelope.sender, exc) from exc
             raise _delivery_error(envelope, exc.code, exc.message) from exc
         except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
             await self._discard(client, polite=False)
@@ -194,6 +198,17 @@ class SMTPTransport:
             ) from exc
         self._idle.append(client)
         return reply
+
+    async def _session(self) -> aiosmtplib.SMTP:
+        """An idle pooled session that is still connected, else a new one."""
+        while self._idle:
+            client = self._idle.pop()
+            if client.is_connected:
+                return client
+            # Closed by the server while idle (its timeout, RFC 5321 4.5.3.2.7): not
+            # a delivery failure, so it must not use up one of the message's attempts.
+            await self._discard(client, polite=False)
+        return await self._connect()
 
     async def _connect(self) -> aiosmtplib.SMTP:
         smtp = self._smtp
@@ -224,12 +239,7 @@ class SMTPTransport:
             ) from exc
         except ssl.SSLCertVerificationError as exc:
             client.close()
-            raise ServerError(
-                f"the server's TLS certificate is not trusted: {exc.verify_message}",
-                host=smtp.host,
-                port=smtp.port,
-                hint="check [smtp] host; for a private CA set [smtp] ca_file",
-            ) from exc
+            raise _untrusted(smtp, exc) from exc
         except aiosmtplib.SMTPResponseException as exc:
             client.close()
             raise ServerError(
@@ -242,6 +252,9 @@ class SMTPTransport:
             ) from exc
         except aiosmtplib.SMTPException as exc:
             client.close()
+            if isinstance(exc.__cause__, ssl.SSLCertVerificationError):
+                # Implicit TLS: aiosmtplib wraps the failed check in SMTPConnectError.
+                raise _untrusted(smtp, exc.__cause__) from exc
             text = str(exc)
             if "STARTTLS" in text.upper() or "starttls" in text:
                 raise ServerError(
@@ -325,6 +338,30 @@ def _tls_context(smtp: SmtpSettings) -> ssl.SSLContext:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     return context
+
+
+def _untrusted(smtp: SmtpSettings, exc: ssl.SSLCertVerificationError) -> ServerError:
+    return ServerError(
+        f"the server's TLS certificate is not trusted: {exc.verify_message}",
+        host=smtp.host,
+        port=smtp.port,
+        hint="check [smtp] host; for a private CA set [smtp] ca_file",
+    )
+
+
+def _sender_refused(
+    smtp: SmtpSettings, sender: str, exc: aiosmtplib.SMTPResponseException
+) -> ServerError:
+    # RFC 4954 6: 530 5.7.0 means the server wants AUTH before MAIL.
+    if exc.code == 530:
+        message = "the server wants AUTH before it takes mail: set [smtp] username"
+        hint = "set [smtp] username, and the password in APPEAL_MAILER_SMTP__PASSWORD"
+    else:
+        message = f"the server refused the sender {sender}"
+        hint = "check [campaign] from and what the server lets this account send"
+    return ServerError(
+        message, host=smtp.host, port=smtp.port, code=exc.code, reply=exc.message, hint=hint
+    )
 
 
 def _delivery_error(envelope: Envelope, code: int, message: str) -> DeliveryError:
