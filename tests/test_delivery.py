@@ -323,8 +323,9 @@ def test_5xx_to_mail_from_stops_the_run_and_fails_no_recipient(
     smtp_server.fail_always("appeal@example.org", "mail", reply)
     list_path = write_list(people(5))
     result = send(run_cli, list_path)
-    assert result.exit_code in {EXIT_STOPPED, EXIT_TROUBLE}, result.output
+    assert result.exit_code == EXIT_STOPPED, result.output
     assert reply in result.output
+    assert "hint: check [campaign] from" in result.output
     assert "refused the sender appeal@example.org" in result.output
     assert smtp_server.messages == []
     report = status(run_cli)
@@ -463,7 +464,7 @@ def test_server_requiring_auth_without_a_username_stops_the_run_and_fails_no_rec
     """A server that wants AUTH while no username is set: the run stops; no row is failed."""
     server, config = tls_server(credentials=("user", "secret"))
     result = send(run_cli, write_list(people(3)), config)
-    assert result.exit_code in {EXIT_STOPPED, EXIT_TROUBLE}, result.output
+    assert result.exit_code == EXIT_STOPPED, result.output
     assert "530" in result.output
     assert "[smtp] username" in result.output
     assert server.messages == []
@@ -521,11 +522,6 @@ def test_domain_limit_spaces_that_domains_messages(
     assert limited[-1] - limited[0] >= 0.9
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: every worker waits on the slow domain's limiter, so other domains "
-    "queue behind it (head-of-line blocking); see the report of this test file",
-)
 def test_domain_limit_does_not_hold_back_other_domains(
     run_cli: CliRun,
     write_config: ConfigWriter,
@@ -553,28 +549,41 @@ def test_burst_of_451_slows_the_run_but_delivers_everyone_once(
     smtp_server: RecordingServer,
 ) -> None:
     """A burst of 451s slows the run down instead of failing it: all delivered once, exit 0."""
-    config = write_config(sending={"rate": 20})
+    config = write_config(sending={"rate": 10})
     rows = people(8)
-    for row in rows[:3]:
+    for row in rows:
         smtp_server.fail(row["email"], "rcpt", "451 4.7.0 Too many messages, slow down")
+    started = time.monotonic()
     result = send(run_cli, write_list(rows), config)
+    elapsed = time.monotonic() - started
     assert result.exit_code == EXIT_OK, result.output
     assert_each_once(smtp_server, [r["email"] for r in rows])
     assert status(run_cli, config)["counts"] == {"sent": 8}
-    arrived = [m.received_at for m in smtp_server.messages]
-    # At the configured 20/s the 11 attempts would span about 0.5 s; slowed down, far more.
-    assert arrived[-1] - arrived[0] >= 1.0
+    # At the configured 10/s the 16 attempts need at least 1.5 s; halved after the
+    # burst's third 451, the rest go at 5/s or slower, which needs well over 2 s.
+    assert elapsed >= 2.0
 
 
 def test_rate_limiter_slow_down_lowers_the_pace() -> None:
-    """slow_down() halves the current rate; it never goes to zero."""
+    """A burst of slow_down() calls halves the current rate; it never goes to zero."""
     limiter = RateLimiter(20, {})
     assert limiter.current_rate == 20
-    limiter.slow_down()
-    assert 0 < limiter.current_rate < 20
+    for _ in range(3):
+        limiter.slow_down()
+    assert limiter.current_rate == 10
     for _ in range(50):
         limiter.slow_down()
     assert limiter.current_rate > 0
+
+
+def test_a_single_transient_reply_does_not_slow_the_run() -> None:
+    """One 451 is about one recipient (greylisting): the pace stays; a burst halves it."""
+    limiter = RateLimiter(20, {})
+    limiter.slow_down()
+    limiter.slow_down()
+    assert limiter.current_rate == 20
+    limiter.slow_down()
+    assert limiter.current_rate == 10
 
 
 async def test_transport_slows_down_after_451s(smtp_server: RecordingServer) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -19,11 +20,12 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from appeal_mailer.config import Settings
-from appeal_mailer.errors import ServerError
-from appeal_mailer.ledger import Ledger, timestamp
+from appeal_mailer.errors import AppealMailerError, ServerError
+from appeal_mailer.ledger import DueScope, Ledger, timestamp
 from appeal_mailer.lists import read_recipients
 from appeal_mailer.mime import MessageBuilder
 from appeal_mailer.models import DeliveryResult, Envelope, Recipient, SkippedRow, State
+from appeal_mailer.ratelimit import RateLimiter
 from appeal_mailer.render import Renderer
 from appeal_mailer.transport import Transport
 
@@ -76,6 +78,7 @@ class RunReport:
     unknown: list[DeliveryResult] = field(default_factory=list)
     released: int = 0
     stopped: str | None = None
+    stopped_hint: str | None = None
     counts: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -83,6 +86,12 @@ class RunReport:
         """Some message failed, is deferred or unknown, or the run stopped early."""
         settled = {State.FAILED.value, State.DEFERRED.value, State.UNKNOWN.value}
         return self.stopped is not None or any(self.counts.get(s, 0) for s in settled)
+
+    @property
+    def stopped_before_sending(self) -> bool:
+        """The run stopped (a server problem, a signal) before any message went out."""
+        delivered = self.sent or self.failed or self.deferred or self.unknown
+        return self.stopped is not None and not delivered
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -120,6 +129,7 @@ class CampaignRun:
         dry_run: bool = False,
         limit: int | None = None,
         now: datetime | None = None,
+        pace: RateLimiter | None = None,
     ) -> None:
         self.settings = settings
         self.ledger = ledger
@@ -128,6 +138,8 @@ class CampaignRun:
         self.list_path = list_path
         self.dry_run = dry_run
         self.limit = limit
+        # Paces each message's first attempt per domain; the transport paces the rest.
+        self.pace = pace
         self.now = now or datetime.now(UTC)
         campaign = settings.campaign
         unsubscribe_key = campaign.unsubscribe_key
@@ -156,6 +168,7 @@ class CampaignRun:
         self._sender_address = sender_address
         self._stop = asyncio.Event()
         self._stop_reason: str | None = None
+        self._stop_error: AppealMailerError | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="ledger")
 
     # -- before anything is sent -------------------------------------------------
@@ -191,10 +204,11 @@ class CampaignRun:
             date=datetime.now(UTC),
         )
 
-    def stop(self, reason: str) -> None:
+    def stop(self, reason: str, error: AppealMailerError | None = None) -> None:
         """Stop taking new messages; those in flight finish and are recorded."""
         if self._stop_reason is None:
             self._stop_reason = reason
+            self._stop_error = error
         self._stop.set()
 
     # -- the run --------------------------------------------------------------------
@@ -215,6 +229,7 @@ class CampaignRun:
             await self._deliver(run_id, report, progress)
         finally:
             report.stopped = self._stop_reason
+            report.stopped_hint = self._stop_error.hint if self._stop_error else None
             report.counts = await self._db(self.ledger.counts, campaign, self.step)
             await self._db(self.ledger.finish_run, run_id, report.summary())
             self._executor.shutdown(wait=True)
@@ -228,7 +243,8 @@ class CampaignRun:
     async def _deliver(self, run_id: int, report: RunReport, progress: Progress | None) -> None:
         campaign = self.settings.campaign.id
         connections = 1 if self.dry_run else self.settings.smtp.connections
-        report.due = await self._db(self.ledger.count_due, campaign, self.step, run_id, self.now)
+        scope = DueScope(campaign, self.step, run_id, self.now)
+        report.due = await self._db(self.ledger.count_due, scope)
         todo = report.due if self.limit is None else min(report.due, self.limit)
         if todo == 0:
             return
@@ -236,21 +252,34 @@ class CampaignRun:
             progress.start(todo)
         feed: asyncio.Queue[_Job | None] = asyncio.Queue(maxsize=_CLAIM_BATCH * 2)
         ready: asyncio.Queue[_Job | None] = asyncio.Queue()
-        results: asyncio.Queue[DeliveryResult | None] = asyncio.Queue()
+        results: asyncio.Queue[tuple[DeliveryResult, str | None] | None] = asyncio.Queue()
         unsent: list[int] = []
+        produced = 0
 
-        async def produce() -> None:
-            produced, after = 0, 0
+        # One producer per rate-limited domain and one for all other domains, each
+        # reading its own rows from the ledger: a slow domain paces only its own
+        # messages, and nothing is buffered while it waits.
+        limited = sorted(self.pace.limited_domains()) if self.pace is not None else []
+        lanes: list[tuple[str | None, tuple[str, ...]]] = [(d, ()) for d in limited]
+        lanes.append((None, tuple(limited)))
+
+        async def produce(domain: str | None, exclude: tuple[str, ...]) -> None:
+            nonlocal produced
+            after = 0
             try:
                 while produced < todo and not self._stop.is_set():
                     page = await self._db(
-                        self.ledger.due_page, campaign, self.step, run_id, self.now, after
+                        functools.partial(
+                            self.ledger.due_page, scope, after, domain=domain, exclude=exclude
+                        )
                     )
                     if not page:
                         break
-                    for due in page[: todo - produced]:
-                        if self._stop.is_set():
+                    for due in page:
+                        if produced >= todo or self._stop.is_set():
                             break
+                        if domain is not None and self.pace is not None:
+                            await self.pace.acquire_domain(domain)
                         envelope = Envelope(
                             due.row_id,
                             self._sender_address,
@@ -258,8 +287,8 @@ class CampaignRun:
                             due.message_id,
                             self.wire_bytes(due.recipient),
                         )
-                        await feed.put(_Job(envelope, due.attempts))
                         produced += 1
+                        await feed.put(_Job(envelope, due.attempts))
                     after = page[-1].row_id
             finally:
                 await feed.put(None)
@@ -271,19 +300,20 @@ class CampaignRun:
         free = asyncio.Semaphore(2 * connections)
 
         async def claim() -> None:
-            done = False
-            while not done:
+            producing = len(lanes)
+            while producing:
                 first = await feed.get()
                 if first is None:
-                    break
+                    producing -= 1
+                    continue
                 await free.acquire()
                 batch = [first]
                 # Group the claims of workers that are free at the same time into one commit.
                 while len(batch) < _CLAIM_BATCH and not feed.empty() and not free.locked():
                     job = feed.get_nowait()
                     if job is None:
-                        done = True
-                        break
+                        producing -= 1
+                        continue
                     await free.acquire()  # returns at once: not locked
                     batch.append(job)
                 ids = [job.envelope.row_id for job in batch]
@@ -314,7 +344,7 @@ class CampaignRun:
                     try:
                         result = await self.transport.send(job.envelope, attempts_allowed=allowed)
                     except ServerError as exc:
-                        self.stop(str(exc))
+                        self.stop(str(exc), exc)
                         unsent.append(job.envelope.row_id)
                         continue
                     await results.put(self._settle(result, job.attempts_before))
@@ -325,7 +355,7 @@ class CampaignRun:
             streak = 0
             done = False
             while not done:
-                batch: list[DeliveryResult] = []
+                batch: list[tuple[DeliveryResult, str | None]] = []
                 item = await results.get()
                 while item is not None:
                     batch.append(item)
@@ -335,8 +365,8 @@ class CampaignRun:
                 done = item is None
                 if not batch:
                     continue
-                await self._db(self.ledger.record, batch, self._next_attempts(batch))
-                for result in batch:
+                await self._db(self.ledger.record, batch)
+                for result, _ in batch:
                     streak = streak + 1 if _unreachable(result) else 0
                     self._count(report, result)
                     if progress is not None:
@@ -350,7 +380,8 @@ class CampaignRun:
         recorder = asyncio.create_task(record())
         try:
             workers = [asyncio.create_task(deliver()) for _ in range(connections)]
-            await asyncio.gather(produce(), claim(), *workers)
+            producers = [produce(domain, exclude) for domain, exclude in lanes]
+            await asyncio.gather(*producers, claim(), *workers)
         finally:
             await results.put(None)
             await recorder
@@ -362,11 +393,21 @@ class CampaignRun:
             if progress is not None:
                 progress.finish()
 
-    def _settle(self, result: DeliveryResult, attempts_before: int) -> DeliveryResult:
-        """A deferral that used up `max_attempts` is a failure."""
+    def _settle(
+        self, result: DeliveryResult, attempts_before: int
+    ) -> tuple[DeliveryResult, str | None]:
+        """The result to record, and when to try again if it is deferred.
+
+        A deferral that used up `max_attempts` is a failure. The next attempt
+        waits `retry_backoff` doubled for each attempt so far, in all runs, up to
+        `retry_max_delay`.
+        """
+        sending = self.settings.sending
         total = attempts_before + result.attempts
-        if result.state is State.DEFERRED and total >= self.settings.sending.max_attempts:
-            return DeliveryResult(
+        if result.state is not State.DEFERRED:
+            return result, None
+        if total >= sending.max_attempts:
+            failed = DeliveryResult(
                 row_id=result.row_id,
                 recipient=result.recipient,
                 state=State.FAILED,
@@ -374,16 +415,9 @@ class CampaignRun:
                 code=result.code,
                 reply=f"gave up after {total} attempts: {result.reply}",
             )
-        return result
-
-    def _next_attempts(self, results: list[DeliveryResult]) -> dict[int, str]:
-        sending = self.settings.sending
-        next_at = {}
-        for result in results:
-            if result.state is State.DEFERRED:
-                delay = min(sending.retry_backoff * 2**result.attempts, sending.retry_max_delay)
-                next_at[result.row_id] = timestamp(datetime.now(UTC) + timedelta(seconds=delay))
-        return next_at
+            return failed, None
+        delay = min(sending.retry_backoff * 2**total, sending.retry_max_delay)
+        return result, timestamp(datetime.now(UTC) + timedelta(seconds=delay))
 
     @staticmethod
     def _count(report: RunReport, result: DeliveryResult) -> None:

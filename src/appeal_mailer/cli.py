@@ -130,6 +130,7 @@ def send(  # noqa: PLR0917  # click passes each option as an argument
     settings = obj.settings(campaign)
     template = template or settings.campaign.template
     transport: Transport
+    limiter = None
     if dry_run:
         out = out or Path("preview")
         _clear_preview(out)
@@ -147,6 +148,7 @@ def send(  # noqa: PLR0917  # click passes each option as an argument
             list_path=list_path,
             dry_run=dry_run,
             limit=limit,
+            pace=None if dry_run else limiter,
         )
         preflight = run.prepare()
         if preflight.valid == 0:
@@ -181,6 +183,8 @@ def send(  # noqa: PLR0917  # click passes each option as an argument
         (out / "summary.txt").write_text(text + "\n", encoding="utf-8")
         text += f"\nPreview: {out}/ (one .eml per message, index.csv, summary.txt)"
     click.echo(text)
+    if result.stopped_before_sending:
+        sys.exit(EXIT_STOPPED)
     sys.exit(EXIT_TROUBLE if result.trouble else EXIT_OK)
 
 

@@ -103,6 +103,16 @@ def timestamp(moment: datetime | None = None) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class DueScope:
+    """Which rows a run may send: its campaign step, the addresses of its list, as of `now`."""
+
+    campaign: str
+    step: str
+    run_id: int
+    now: datetime
+
+
+@dataclass(frozen=True, slots=True)
 class DueRow:
     """A ledger row that is due to be sent, with what is needed to render it."""
 
@@ -271,20 +281,26 @@ class Ledger:
             return max(result.rowcount, 0)
 
     def due_page(
-        self, campaign: str, step: str, run_id: int, now: datetime, after: int = 0
+        self,
+        scope: DueScope,
+        after: int = 0,
+        *,
+        domain: str | None = None,
+        exclude: Sequence[str] = (),
     ) -> list[DueRow]:
         """The next page of rows of this run's list that are pending, or deferred and due.
 
         Rows come in id order after row `after`; read page by page, memory does not
-        grow with the list.
+        grow with the list. With `domain`, only addresses at that domain or its
+        subdomains; `exclude` leaves such addresses out.
         """
+        query = self._due_query(scope).where(deliveries.c.id > after)
+        if domain is not None:
+            query = query.where(_at_domain(domain))
+        for other in exclude:
+            query = query.where(sa.not_(_at_domain(other)))
         with self._read() as conn:
-            page = conn.execute(
-                self._due_query(campaign, step, run_id, now)
-                .where(deliveries.c.id > after)
-                .order_by(deliveries.c.id)
-                .limit(_BATCH)
-            ).all()
+            page = conn.execute(query.order_by(deliveries.c.id).limit(_BATCH)).all()
         return [
             DueRow(
                 row_id=row.id,
@@ -295,12 +311,12 @@ class Ledger:
             for row in page
         ]
 
-    def count_due(self, campaign: str, step: str, run_id: int, now: datetime) -> int:
-        query = self._due_query(campaign, step, run_id, now).with_only_columns(sa.func.count())
+    def count_due(self, scope: DueScope) -> int:
+        query = self._due_query(scope).with_only_columns(sa.func.count())
         with self._read() as conn:
             return int(conn.execute(query).scalar_one())
 
-    def _due_query(self, campaign: str, step: str, run_id: int, now: datetime) -> sa.Select[Any]:
+    def _due_query(self, scope: DueScope) -> sa.Select[Any]:
         return (
             sa.select(
                 deliveries.c.id,
@@ -318,14 +334,14 @@ class Ledger:
                 ),
             )
             .where(
-                deliveries.c.campaign == campaign,
-                deliveries.c.step == step,
-                recipients.c.seen_run == run_id,
+                deliveries.c.campaign == scope.campaign,
+                deliveries.c.step == scope.step,
+                recipients.c.seen_run == scope.run_id,
                 sa.or_(
                     deliveries.c.state == State.PENDING.value,
                     sa.and_(
                         deliveries.c.state == State.DEFERRED.value,
-                        deliveries.c.next_attempt_at <= timestamp(now),
+                        deliveries.c.next_attempt_at <= timestamp(scope.now),
                     ),
                 ),
             )
@@ -362,8 +378,8 @@ class Ledger:
             ).scalars()
             return list(claimed), suppressed_ids
 
-    def record(self, results: Sequence[DeliveryResult], next_attempts: dict[int, str]) -> None:
-        """Write the outcome of each message; `sent` is durable when this returns."""
+    def record(self, results: Sequence[tuple[DeliveryResult, str | None]]) -> None:
+        """Write each outcome, with the next attempt's time if deferred; durable on return."""
         if not results:
             return
         now = timestamp()
@@ -387,9 +403,9 @@ class Ledger:
                         "tries": r.attempts,
                         "code": r.code,
                         "reply": r.reply,
-                        "next_at": next_attempts.get(r.row_id),
+                        "next_at": next_at,
                     }
-                    for r in results
+                    for r, next_at in results
                 ],
             )
 
@@ -532,6 +548,14 @@ class _Transaction:
             raise LedgerError(_first_line(error), location=self._location) from error
         if isinstance(exc, SQLAlchemyError):
             raise LedgerError(_first_line(exc), location=self._location) from exc
+
+
+def _at_domain(domain: str) -> sa.ColumnElement[bool]:
+    # Addresses are stored lower-cased; autoescape keeps "_" and "%" literal in LIKE.
+    return sa.or_(
+        deliveries.c.email.endswith("@" + domain, autoescape=True),
+        deliveries.c.email.endswith("." + domain, autoescape=True),
+    )
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

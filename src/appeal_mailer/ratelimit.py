@@ -14,6 +14,9 @@ _FLOOR_RATE = 0.2
 _RECOVER_AFTER = 20
 _RECOVER_FACTOR = 1.1
 _WINDOW = 50
+# "A burst": this many transient replies within this many seconds.
+_BURST = 3
+_BURST_WINDOW = 5.0
 
 
 def _spaced(rate: float) -> AsyncLimiter:
@@ -37,6 +40,8 @@ class RateLimiter:
         self._global = _spaced(rate) if rate > 0 else None
         self._domains = {domain: _spaced(limit) for domain, limit in domain_limits.items()}
         self._recent: collections.deque[float] = collections.deque(maxlen=_WINDOW)
+        self._pushback: collections.deque[float] = collections.deque()
+        self._last_slow_down = -_BURST_WINDOW
         self._successes = 0
 
     @property
@@ -44,16 +49,47 @@ class RateLimiter:
         """The pace in force now (0: unlimited)."""
         return self._rate
 
-    async def acquire(self, domain: str) -> None:
+    def limited_domains(self) -> list[str]:
+        """The domains with a rate of their own."""
+        return list(self._domains)
+
+    def limited_domain(self, domain: str) -> str | None:
+        """The configured domain whose limit covers `domain` (itself or a parent), if any."""
+        name = domain.lower()
+        while name not in self._domains:
+            if "." not in name:
+                return None
+            name = name.partition(".")[2]
+        return name
+
+    async def acquire(self, domain: str | None = None) -> None:
+        """Wait for the global pace, and for `domain`'s own pace when it has one."""
         if self._global is not None:
             await self._global.acquire()
-        limiter = self._domain_limiter(domain)
-        if limiter is not None:
-            await limiter.acquire()
+        if domain is not None:
+            await self.acquire_domain(domain)
         self._recent.append(time.monotonic())
 
+    async def acquire_domain(self, domain: str) -> None:
+        """Wait for the pace of the limit covering `domain` (no wait without one)."""
+        key = self.limited_domain(domain)
+        if key is not None:
+            await self._domains[key].acquire()
+
     def slow_down(self) -> None:
-        """The server said "not now" (4xx or a drop): halve the pace."""
+        """The server said "not now" (4xx or a drop): in a burst of these, halve the pace.
+
+        One 451 is usually about one recipient (greylisting, a full mailbox); only
+        several within a few seconds say the server wants us slower, and the pace is
+        halved at most once per such window.
+        """
+        now = time.monotonic()
+        self._pushback.append(now)
+        while self._pushback and now - self._pushback[0] > _BURST_WINDOW:
+            self._pushback.popleft()
+        if len(self._pushback) < _BURST or now - self._last_slow_down < _BURST_WINDOW / 2:
+            return
+        self._last_slow_down = now
         self._successes = 0
         base = self._rate if self._rate > 0 else self._observed_rate()
         if base <= 0:
@@ -86,13 +122,3 @@ class RateLimiter:
             return 0.0
         span = self._recent[-1] - self._recent[0]
         return (len(self._recent) - 1) / span if span > 0 else float(len(self._recent))
-
-    def _domain_limiter(self, domain: str) -> AsyncLimiter | None:
-        if not self._domains:
-            return None
-        name = domain.lower()
-        while True:
-            limiter = self._domains.get(name)
-            if limiter is not None or "." not in name:
-                return limiter
-            name = name.partition(".")[2]

@@ -115,6 +115,8 @@ def summary(report: RunReport) -> str:
         lines.append(f"{remaining} messages are still to send: run the same command again")
     if report.stopped:
         lines.append(f"Stopped early: {report.stopped}")
+        if report.stopped_hint:
+            lines.append(f"hint: {report.stopped_hint}")
     if not report.dry_run:
         totals = ", ".join(f"{n} {state}" for state, n in sorted(report.counts.items()))
         lines.append(f"Ledger for this step: {totals or 'empty'}")

@@ -124,7 +124,9 @@ class SMTPTransport:
             async for attempt in retrying:
                 with attempt:
                     attempts += 1
-                    await self._limiter.acquire(domain)
+                    # The first attempt's domain pace was kept by whoever scheduled the
+                    # message (the campaign); a retry is one more message to that domain.
+                    await self._limiter.acquire(domain if attempts > 1 else None)
                     reply = await self._attempt(envelope)
         except TransientDeliveryError as exc:
             self._limiter.slow_down()
