@@ -428,3 +428,16 @@ def test_the_readme_quick_start_runs_as_written(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr + result.stdout
     assert list(work.rglob("*.eml"))
     assert EXAMPLE_LIST.exists()
+
+
+def test_dry_run_of_a_finished_campaign_writes_an_empty_preview_and_exits_0(
+    run_cli: CliRun, write_list: ListWriter, subscribers: list[dict[str, str]], tmp_path: Path
+) -> None:
+    """After everything was sent, a dry run has nothing to render; it says so, exit 0."""
+    path = write_list(subscribers)
+    assert run_cli("send", str(path), "--yes").exit_code == 0
+    out = tmp_path / "nothing-left"
+    result = run_cli("send", str(path), "--dry-run", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert list(out.glob("*.eml")) == []
+    assert "0 written" in (out / "summary.txt").read_text(encoding="utf-8")

@@ -174,12 +174,13 @@ def send(  # noqa: PLR0917  # click passes each option as an argument
             if not click.confirm("\nSend now?", default=False):
                 click.echo("Nothing sent.")
                 sys.exit(EXIT_STOPPED)
-        progress = _progress(obj)
+        progress = _progress(obj, dry_run=dry_run)
         result = asyncio.run(_run_with_signals(run, preflight, progress))
     finally:
         ledger.close()
     text = report.summary(result)
     if dry_run and out is not None:
+        out.mkdir(parents=True, exist_ok=True)
         (out / "summary.txt").write_text(text + "\n", encoding="utf-8")
         text += f"\nPreview: {out}/ (one .eml per message, index.csv, summary.txt)"
     click.echo(text)
@@ -330,12 +331,12 @@ async def _run_with_signals(run: Any, preflight: Any, progress: Any) -> Any:
     return await run.run(preflight, progress)
 
 
-def _progress(obj: _Context) -> Any:
+def _progress(obj: _Context, *, dry_run: bool) -> Any:
     from appeal_mailer.progress import BarProgress, LogProgress  # noqa: PLC0415  # fast --help
 
     if sys.stderr.isatty() and obj.verbosity >= 0:
         return BarProgress(sys.stderr)
-    return LogProgress()
+    return LogProgress(dry_run=dry_run)
 
 
 def _clear_preview(out: Path) -> None:

@@ -8,7 +8,9 @@ commits before it returns: the caller decides which thread waits for it.
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
+import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -140,27 +142,32 @@ class LedgerRow:
 class Ledger:
     """Durable delivery state. Open with `Ledger.open(url)`; close with `close()`."""
 
-    def __init__(self, engine: sa.Engine, location: str) -> None:
+    def __init__(self, engine: sa.Engine, location: str, scratch: Path | None = None) -> None:
         self._engine = engine
         self.location = location
+        # The folder of a scratch copy, removed on close.
+        self._scratch = scratch
 
     @classmethod
     def open(cls, url: str, *, scratch_copy: bool = False) -> Ledger:
         """Open (and create) the ledger at `url`.
 
-        With `scratch_copy`, an SQLite ledger is copied into memory and the copy is
-        opened: a dry run then sees exactly what a real run would, and writes nothing.
+        With `scratch_copy`, an SQLite ledger is copied into a temporary file and the
+        copy is opened: a dry run then sees exactly what a real run would, and writes
+        nothing to the real ledger. (A file, not memory: memory must not grow with
+        the list.)
         """
         location = _redact(url)
+        scratch = None
         try:
             if scratch_copy:
-                engine = _memory_copy(url)
+                engine, scratch = _scratch_copy(url)
             else:
                 _make_parent(url)
                 engine = sa.create_engine(url, future=True)
                 if engine.dialect.name == "sqlite":
                     sa.event.listen(engine, "connect", _sqlite_pragmas)
-            ledger = cls(engine, location)
+            ledger = cls(engine, location, scratch)
             ledger._create_schema()
         except SQLAlchemyError as exc:
             raise LedgerError(
@@ -172,6 +179,8 @@ class Ledger:
 
     def close(self) -> None:
         self._engine.dispose()
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
 
     # -- runs ------------------------------------------------------------------
 
@@ -569,7 +578,7 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def _memory_copy(url: str) -> sa.Engine:
+def _scratch_copy(url: str) -> tuple[sa.Engine, Path]:
     source = sa.engine.make_url(url)
     if source.get_backend_name() != "sqlite":
         raise LedgerError(
@@ -577,18 +586,29 @@ def _memory_copy(url: str) -> sa.Engine:
             location=_redact(url),
             hint="a dry run against a PostgreSQL ledger is not supported yet",
         )
-    memory = sqlite3.connect(":memory:", check_same_thread=False)
+    folder = Path(tempfile.mkdtemp(prefix="appeal-mailer-dry-run-"))
+    copy = folder / "ledger.db"
     path = source.database
     if path and Path(path).exists():
         # Read through SQLite itself, so a ledger in use by a running send is copied consistently.
         disk = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        target = sqlite3.connect(copy)
         try:
-            disk.backup(memory)
+            disk.backup(target)
         finally:
             disk.close()
-    return sa.create_engine(
-        "sqlite://", creator=lambda: memory, poolclass=sa.pool.StaticPool, future=True
-    )
+            target.close()
+    engine = sa.create_engine(f"sqlite:///{copy}", future=True)
+    # A scratch copy needs no durability: it is thrown away at the end.
+    sa.event.listen(engine, "connect", _scratch_pragmas)
+    return engine, folder
+
+
+def _scratch_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=MEMORY")
+    cursor.execute("PRAGMA synchronous=OFF")
+    cursor.close()
 
 
 def _make_parent(url: str) -> None:

@@ -21,7 +21,8 @@ _LOG_EVERY = 10.0
 class LogProgress:
     """Progress as log lines: each problem as it happens, and a count now and then."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, dry_run: bool = False) -> None:
+        self._verb = "written" if dry_run else "sent"
         self._total = 0
         self._done = 0
         self._sent = 0
@@ -31,13 +32,13 @@ class LogProgress:
     def start(self, total: int) -> None:
         self._total = total
         self._started = self._last = time.monotonic()
-        log.info("%d messages to send", total)
+        log.info("%d messages to go (%s)", total, "dry run" if self._verb == "written" else "send")
 
     def advance(self, result: DeliveryResult) -> None:
         self._done += 1
         if result.state is State.SENT:
             self._sent += 1
-            log.debug("sent to %s", result.recipient)
+            log.debug("%s: %s", self._verb, result.recipient)
         elif result.state is State.SUPPRESSED:
             log.info("suppressed: %s", result.recipient)
         else:
@@ -47,10 +48,11 @@ class LogProgress:
             self._last = now
             rate = self._sent / (now - self._started) if now > self._started else 0.0
             log.info(
-                "progress: %d/%d done, %d sent, %.1f messages/s",
+                "progress: %d/%d done, %d %s, %.1f messages/s",
                 self._done,
                 self._total,
                 self._sent,
+                self._verb,
                 rate,
             )
 

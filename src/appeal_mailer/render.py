@@ -113,6 +113,8 @@ class Renderer:
             undefined=jinja2.StrictUndefined,
             autoescape=lambda template: bool(template and template.endswith(HTML_SUFFIX)),
             keep_trailing_newline=True,
+            # Templates do not change during a run: no stat() of each file per render.
+            auto_reload=False,
             trim_blocks=True,
             lstrip_blocks=True,
         )

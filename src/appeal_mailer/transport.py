@@ -14,7 +14,7 @@ import csv
 import re
 import ssl
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol, TextIO
 
 import aiosmtplib
 from tenacity import (
@@ -310,15 +310,21 @@ class DryRunTransport:
     def __init__(self, directory: Path) -> None:
         self._directory = directory
         self.description = f"dry run: messages written to {directory}/"
-        self._index: list[tuple[str, str, str]] = []
+        self._index: TextIO | None = None
+        self._writer: Any = None
 
     async def open(self) -> None:
         self._directory.mkdir(parents=True, exist_ok=True)
+        # Written as the run goes, so memory does not grow with the list.
+        self._index = (self._directory / "index.csv").open("w", newline="", encoding="utf-8")
+        self._writer = csv.writer(self._index)
+        self._writer.writerow(["file", "email", "message_id"])
 
     async def send(self, envelope: Envelope, *, attempts_allowed: int) -> DeliveryResult:
         name = f"{envelope.row_id:06d}-{_UNSAFE_FILENAME.sub('_', envelope.recipient)}.eml"
         (self._directory / name).write_bytes(envelope.data)
-        self._index.append((name, envelope.recipient, envelope.message_id))
+        if self._writer is not None:
+            self._writer.writerow([name, envelope.recipient, envelope.message_id])
         return DeliveryResult(
             row_id=envelope.row_id,
             recipient=envelope.recipient,
@@ -328,10 +334,9 @@ class DryRunTransport:
         )
 
     async def close(self) -> None:
-        with (self._directory / "index.csv").open("w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["file", "email", "message_id"])
-            writer.writerows(self._index)
+        if self._index is not None:
+            self._index.close()
+            self._index = None
 
 
 def _tls_context(smtp: SmtpSettings) -> ssl.SSLContext:
