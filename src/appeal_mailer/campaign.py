@@ -21,7 +21,7 @@ from typing import Any, Protocol, TypeVar
 
 from appeal_mailer.config import Settings
 from appeal_mailer.errors import AppealMailerError, ServerError
-from appeal_mailer.ledger import DueScope, Ledger, timestamp
+from appeal_mailer.ledger import HEARTBEAT, DueScope, Ledger, timestamp
 from appeal_mailer.lists import read_recipients
 from appeal_mailer.mime import MessageBuilder
 from appeal_mailer.models import DeliveryResult, Envelope, Recipient, SkippedRow, State
@@ -163,6 +163,7 @@ class CampaignRun:
             },
             sender={"name": sender_name, "address": sender_address},
             default_timezone=campaign.timezone,
+            default_language=campaign.language,
             now=self.now,
         )
         self._sender_address = sender_address
@@ -225,15 +226,23 @@ class CampaignRun:
         report.new_rows = await self._db(
             self.ledger.load, campaign, self.step, run_id, self._recipients_with_ids()
         )
+        heartbeat = asyncio.create_task(self._heartbeat(run_id))
         try:
             await self._deliver(run_id, report, progress)
         finally:
+            heartbeat.cancel()
             report.stopped = self._stop_reason
             report.stopped_hint = self._stop_error.hint if self._stop_error else None
             report.counts = await self._db(self.ledger.counts, campaign, self.step)
             await self._db(self.ledger.finish_run, run_id, report.summary())
             self._executor.shutdown(wait=True)
         return report
+
+    async def _heartbeat(self, run_id: int) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT)
+            with contextlib.suppress(AppealMailerError):  # a missed beat is not fatal
+                await self._db(self.ledger.heartbeat, run_id)
 
     def _recipients_with_ids(self) -> Iterator[tuple[Recipient, str]]:
         for item in read_recipients(self.list_path):
@@ -242,7 +251,7 @@ class CampaignRun:
 
     async def _deliver(self, run_id: int, report: RunReport, progress: Progress | None) -> None:
         campaign = self.settings.campaign.id
-        connections = 1 if self.dry_run else self.settings.smtp.connections
+        connections = self.transport.connections
         scope = DueScope(campaign, self.step, run_id, self.now)
         report.due = await self._db(self.ledger.count_due, scope)
         todo = report.due if self.limit is None else min(report.due, self.limit)
@@ -255,13 +264,7 @@ class CampaignRun:
         results: asyncio.Queue[tuple[DeliveryResult, str | None] | None] = asyncio.Queue()
         unsent: list[int] = []
         produced = 0
-
-        # One producer per rate-limited domain and one for all other domains, each
-        # reading its own rows from the ledger: a slow domain paces only its own
-        # messages, and nothing is buffered while it waits.
-        limited = sorted(self.pace.limited_domains()) if self.pace is not None else []
-        lanes: list[tuple[str | None, tuple[str, ...]]] = [(d, ()) for d in limited]
-        lanes.append((None, tuple(limited)))
+        lanes = self._lanes()
 
         async def produce(domain: str | None, exclude: tuple[str, ...]) -> None:
             nonlocal produced
@@ -278,6 +281,9 @@ class CampaignRun:
                     for due in page:
                         if produced >= todo or self._stop.is_set():
                             break
+                        # Counted before waiting for the domain's pace, so that two
+                        # lanes cannot both take the last place under --limit.
+                        produced += 1
                         if domain is not None and self.pace is not None:
                             await self.pace.acquire_domain(domain)
                         envelope = Envelope(
@@ -287,9 +293,10 @@ class CampaignRun:
                             due.message_id,
                             self.wire_bytes(due.recipient),
                         )
-                        produced += 1
                         await feed.put(_Job(envelope, due.attempts))
                     after = page[-1].row_id
+            except Exception as exc:  # any failure stops the run cleanly
+                self.stop(f"could not prepare the next message: {exc}", _error(exc))
             finally:
                 await feed.put(None)
 
@@ -301,35 +308,33 @@ class CampaignRun:
 
         async def claim() -> None:
             producing = len(lanes)
-            while producing:
-                first = await feed.get()
-                if first is None:
-                    producing -= 1
-                    continue
-                await free.acquire()
-                batch = [first]
-                # Group the claims of workers that are free at the same time into one commit.
-                while len(batch) < _CLAIM_BATCH and not feed.empty() and not free.locked():
-                    job = feed.get_nowait()
-                    if job is None:
+            try:
+                while producing:
+                    first = await feed.get()
+                    if first is None:
                         producing -= 1
                         continue
-                    await free.acquire()  # returns at once: not locked
-                    batch.append(job)
-                ids = [job.envelope.row_id for job in batch]
-                claimed, suppressed = await self._db(self.ledger.claim, ids, run_id)
-                claimed_set, suppressed_set = set(claimed), set(suppressed)
-                for job in batch:
-                    if job.envelope.row_id in claimed_set:
-                        await ready.put(job)
-                        continue
-                    free.release()
-                    if job.envelope.row_id in suppressed_set:
-                        report.suppressed += 1
-                        if progress is not None:
-                            progress.advance(_suppressed(job.envelope))
-            for _ in range(connections):
-                await ready.put(None)
+                    if self._stop.is_set():
+                        continue  # drained, not claimed: it stays due for the next run
+                    await free.acquire()
+                    batch = [first]
+                    # Group the claims of workers free at the same time into one commit.
+                    while len(batch) < _CLAIM_BATCH and not feed.empty() and not free.locked():
+                        job = feed.get_nowait()
+                        if job is None:
+                            producing -= 1
+                            continue
+                        await free.acquire()  # returns at once: not locked
+                        batch.append(job)
+                    await self._claim(batch, run_id, ready, free, report, progress)
+            except Exception as exc:  # any failure stops the run cleanly
+                self.stop(f"could not claim the next messages: {exc}", _error(exc))
+                while producing:  # let the producers finish: they stop at the flag
+                    if await feed.get() is None:
+                        producing -= 1
+            finally:
+                for _ in range(connections):
+                    await ready.put(None)
 
         async def deliver() -> None:
             while (job := await ready.get()) is not None:
@@ -337,17 +342,7 @@ class CampaignRun:
                     if self._stop.is_set():
                         unsent.append(job.envelope.row_id)
                         continue
-                    allowed = min(
-                        self.settings.sending.attempts_per_run,
-                        self.settings.sending.max_attempts - job.attempts_before,
-                    )
-                    try:
-                        result = await self.transport.send(job.envelope, attempts_allowed=allowed)
-                    except ServerError as exc:
-                        self.stop(str(exc), exc)
-                        unsent.append(job.envelope.row_id)
-                        continue
-                    await results.put(self._settle(result, job.attempts_before))
+                    await results.put(await self._send(job))
                 finally:
                     free.release()
 
@@ -365,11 +360,17 @@ class CampaignRun:
                 done = item is None
                 if not batch:
                     continue
-                await self._db(self.ledger.record, batch)
+                try:
+                    await self._db(self.ledger.record, batch)
+                except AppealMailerError as exc:
+                    # Not recorded: these rows stay `sending`, so the next run marks
+                    # them unknown rather than sending them again.
+                    self.stop(f"could not record results: {exc}", exc)
+                    continue
                 for result, _ in batch:
                     streak = streak + 1 if _unreachable(result) else 0
                     self._count(report, result)
-                    if progress is not None:
+                    if progress is not None and result.state is not State.PENDING:
                         progress.advance(result)
                 if streak >= _UNREACHABLE_STREAK:
                     self.stop(f"{streak} messages in a row could not reach the server")
@@ -379,19 +380,88 @@ class CampaignRun:
         await self.transport.open()
         recorder = asyncio.create_task(record())
         try:
-            workers = [asyncio.create_task(deliver()) for _ in range(connections)]
+            workers = [deliver() for _ in range(connections)]
             producers = [produce(domain, exclude) for domain, exclude in lanes]
             await asyncio.gather(*producers, claim(), *workers)
         finally:
             await results.put(None)
             await recorder
+            # Closing is QUIT on each session: its failure cannot change any result.
             with contextlib.suppress(Exception):
                 await self.transport.close()
             if unsent:
-                await self._db(self.ledger.release, unsent)
-                report.released = len(unsent)
+                await self._db(self.ledger.release, unsent, run_id)
+                report.released += len(unsent)
             if progress is not None:
                 progress.finish()
+
+    def _lanes(self) -> list[tuple[str | None, tuple[str, ...]]]:
+        """One lane per rate-limited domain and one for all others, never overlapping.
+
+        Each lane reads its own rows from the ledger, so a slow domain paces only
+        its own messages and nothing is buffered while it waits. A lane for
+        example.net leaves out a separately limited mail.example.net.
+        """
+        limited = sorted(self.pace.limited_domains()) if self.pace is not None else []
+        lanes: list[tuple[str | None, tuple[str, ...]]] = [
+            (domain, tuple(d for d in limited if d.endswith("." + domain))) for domain in limited
+        ]
+        lanes.append((None, tuple(limited)))
+        return lanes
+
+    async def _claim(  # noqa: PLR0917  # the pipeline's shared parts, passed explicitly
+        self,
+        batch: list[_Job],
+        run_id: int,
+        ready: asyncio.Queue[_Job | None],
+        free: asyncio.Semaphore,
+        report: RunReport,
+        progress: Progress | None,
+    ) -> None:
+        claimed, suppressed = await self._db(
+            self.ledger.claim, [job.envelope.row_id for job in batch], run_id
+        )
+        for job in batch:
+            row_id = job.envelope.row_id
+            if row_id in claimed:
+                claimed.remove(row_id)  # each claimed row goes out once
+                await ready.put(job)
+                continue
+            free.release()
+            if row_id in suppressed:
+                suppressed.remove(row_id)
+                report.suppressed += 1
+                if progress is not None:
+                    progress.advance(_suppressed(job.envelope))
+
+    async def _send(self, job: _Job) -> tuple[DeliveryResult, str | None]:
+        allowed = min(
+            self.settings.sending.attempts_per_run,
+            self.settings.sending.max_attempts - job.attempts_before,
+        )
+        try:
+            result = await self.transport.send(job.envelope, attempts_allowed=allowed)
+        except ServerError as exc:
+            self.stop(str(exc), exc)
+            result = DeliveryResult(
+                row_id=job.envelope.row_id,
+                recipient=job.envelope.recipient,
+                state=State.PENDING,
+                attempts=0,
+                reply=str(exc),
+            )
+        except Exception as exc:  # a bug must not leave the row in limbo
+            # Whether any byte reached the server is not known: recorded unknown,
+            # never re-sent on its own (the same rule as a lost reply, RFC 1047).
+            self.stop(f"internal error while sending: {exc!r}", _error(exc))
+            result = DeliveryResult(
+                row_id=job.envelope.row_id,
+                recipient=job.envelope.recipient,
+                state=State.UNKNOWN,
+                attempts=1,
+                reply=f"internal error: {exc!r}",
+            )
+        return self._settle(result, job.attempts_before)
 
     def _settle(
         self, result: DeliveryResult, attempts_before: int
@@ -424,6 +494,9 @@ class CampaignRun:
         if result.state is State.SENT:
             report.sent += 1
             return
+        if result.state is State.PENDING:
+            report.released += 1
+            return
         bucket = {
             State.FAILED: report.failed,
             State.DEFERRED: report.deferred,
@@ -434,6 +507,10 @@ class CampaignRun:
 
     async def _db(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+
+def _error(exc: Exception) -> AppealMailerError | None:
+    return exc if isinstance(exc, AppealMailerError) else None
 
 
 def _unreachable(result: DeliveryResult) -> bool:

@@ -179,11 +179,14 @@ def send(  # noqa: PLR0917  # click passes each option as an argument
     finally:
         ledger.close()
     text = report.summary(result)
+    quiet_and_fine = obj.verbosity < 0 and not result.trouble
+    # -q: a clean run prints nothing, so cron mails only about trouble.
     if dry_run and out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "summary.txt").write_text(text + "\n", encoding="utf-8")
         text += f"\nPreview: {out}/ (one .eml per message, index.csv, summary.txt)"
-    click.echo(text)
+    if not quiet_and_fine:
+        click.echo(text)
     if result.stopped_before_sending:
         sys.exit(EXIT_STOPPED)
     sys.exit(EXIT_TROUBLE if result.trouble else EXIT_OK)
@@ -325,9 +328,16 @@ async def _run_with_signals(run: Any, preflight: Any, progress: Any) -> Any:
     # Ctrl-C or a TERM from cron/systemd: stop taking new messages, finish and
     # record those in flight, then report. A second Ctrl-C is not needed.
     loop = asyncio.get_running_loop()
+
+    def first_signal(sig: signal.Signals) -> None:
+        run.stop(f"interrupted by {sig.name}")
+        # A second one is not asked to wait: the default handler ends the process,
+        # and the rows in flight are recovered as unknown by the next run.
+        loop.remove_signal_handler(sig)
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, run.stop, f"interrupted by {signal.Signals(sig).name}")
+            loop.add_signal_handler(sig, first_signal, sig)
     return await run.run(preflight, progress)
 
 

@@ -30,6 +30,7 @@ from pydantic_settings import (
     NestedSecretsSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
 )
 
 from appeal_mailer.errors import ConfigError
@@ -174,8 +175,12 @@ class CampaignSettings(_Section):
                     f"{address!r}, without a name or angle brackets"
                 )
         if self.unsubscribe_url:
-            if not re.match(r"^https?://[^\s<>]+$", self.unsubscribe_url):
-                raise ValueError("unsubscribe_url must be an http(s) URL without spaces")
+            # RFC 2369 2: the URL goes into a header in angle brackets: ASCII, no spaces.
+            if not re.match(r"^https?://[\x21-\x3b\x3d\x3f-\x7e]+$", self.unsubscribe_url):
+                raise ValueError(
+                    "unsubscribe_url must be an http(s) URL of ASCII characters without "
+                    "spaces or angle brackets (percent-encode the rest)"
+                )
             if "{token}" in self.unsubscribe_url and self.unsubscribe_key is None:
                 raise ValueError(
                     "unsubscribe_url has {token} but no unsubscribe_key: set "
@@ -292,6 +297,8 @@ def load_settings(path: Path) -> Settings:
         )
     except ValidationError as exc:
         raise _config_error(exc, path) from None
+    except SettingsError as exc:
+        raise ConfigError(f"cannot read the settings: {exc}", path=path) from exc
     return _resolve_paths(settings, path.parent)
 
 

@@ -13,7 +13,7 @@ import sqlite3
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -82,8 +82,13 @@ runs = sa.Table(
     sa.Column("command", sa.String(32), nullable=False),
     sa.Column("started_at", sa.String(32), nullable=False),
     sa.Column("finished_at", sa.String(32), nullable=True),
+    # A live run touches this every HEARTBEAT seconds; a run that has not for
+    # STALE_AFTER seconds is dead, and its `sending` rows can be recovered.
+    sa.Column("heartbeat_at", sa.String(32), nullable=False),
     sa.Column("summary", sa.Text, nullable=True),
 )
+HEARTBEAT = 10.0
+STALE_AFTER = 60.0
 
 suppressions = sa.Table(
     "suppressions",
@@ -157,8 +162,13 @@ class Ledger:
         nothing to the real ledger. (A file, not memory: memory must not grow with
         the list.)
         """
-        location = _redact(url)
         scratch = None
+        try:
+            location = _redact(url)
+        except (ValueError, SQLAlchemyError) as exc:
+            raise LedgerError(
+                "not a database URL", location="[ledger] url", hint="e.g. postgresql://host/db"
+            ) from exc
         try:
             if scratch_copy:
                 engine, scratch = _scratch_copy(url)
@@ -188,12 +198,21 @@ class Ledger:
         with self._write() as conn:
             result = conn.execute(
                 runs.insert().values(
-                    campaign=campaign, step=step, command=command, started_at=timestamp()
+                    campaign=campaign,
+                    step=step,
+                    command=command,
+                    started_at=timestamp(),
+                    heartbeat_at=timestamp(),
                 )
             )
             key = result.inserted_primary_key
             assert key is not None  # noqa: S101  # an INSERT into a table with a primary key
             return int(key[0])
+
+    def heartbeat(self, run_id: int) -> None:
+        """Say that run `run_id` is alive, so no other run recovers its rows."""
+        with self._write() as conn:
+            conn.execute(runs.update().where(runs.c.id == run_id).values(heartbeat_at=timestamp()))
 
     def finish_run(self, run_id: int, summary: dict[str, Any]) -> None:
         with self._write() as conn:
@@ -271,8 +290,13 @@ class Ledger:
         """Rows left `sending` by a run that died become `unknown`; returns how many.
 
         SMTP cannot tell whether a lost "250" after the final dot meant delivery
-        (RFC 1047), so such rows are not sent again unless the operator asks.
+        (RFC 1047), so such rows are not sent again unless the operator asks. Rows
+        of a run that is still alive (an overlapping cron run) are left alone.
         """
+        stale = timestamp(datetime.now(UTC) - timedelta(seconds=STALE_AFTER))
+        alive = sa.select(runs.c.id).where(
+            runs.c.finished_at.is_(None), runs.c.heartbeat_at >= stale
+        )
         with self._write() as conn:
             result = conn.execute(
                 deliveries.update()
@@ -280,6 +304,10 @@ class Ledger:
                     deliveries.c.campaign == campaign,
                     deliveries.c.step == step,
                     deliveries.c.state == State.SENDING.value,
+                    sa.or_(
+                        deliveries.c.claimed_by.is_(None),
+                        deliveries.c.claimed_by.not_in(alive),
+                    ),
                 )
                 .values(
                     state=State.UNKNOWN.value,
@@ -418,14 +446,18 @@ class Ledger:
                 ],
             )
 
-    def release(self, row_ids: Sequence[int]) -> None:
+    def release(self, row_ids: Sequence[int], run_id: int) -> None:
         """Put claimed rows whose DATA never started back to `pending` (a run stopping early)."""
         if not row_ids:
             return
         with self._write() as conn:
             conn.execute(
                 deliveries.update()
-                .where(deliveries.c.id.in_(row_ids), deliveries.c.state == State.SENDING.value)
+                .where(
+                    deliveries.c.id.in_(row_ids),
+                    deliveries.c.state == State.SENDING.value,
+                    deliveries.c.claimed_by == run_id,
+                )
                 .values(state=State.PENDING.value, claimed_by=None, updated_at=timestamp())
             )
 

@@ -103,11 +103,13 @@ class Renderer:
         campaign: Mapping[str, Any],
         sender: Mapping[str, str],
         default_timezone: str,
+        default_language: str = "en",
         now: datetime,
     ) -> None:
         self.name = name
         self.text_name = name + TEXT_SUFFIX
         self._default_timezone = default_timezone
+        self._default_language = default_language
         self._env = _Environment(
             loader=_HeaderBlockLoader(str(directory)),
             undefined=jinja2.StrictUndefined,
@@ -181,7 +183,8 @@ class Renderer:
             "email": recipient.email,
             "name": recipient.name,
             "organization": recipient.organization,
-            "language": recipient.language,
+            # The subscriber's language, else the campaign's.
+            "language": recipient.language or self._default_language,
             # The subscriber's own zone, else the campaign's: templates need not care.
             "timezone": recipient.timezone or self._default_timezone,
             "has_timezone": bool(recipient.timezone),

@@ -27,6 +27,7 @@ from tenacity import (
 
 from appeal_mailer.config import SendingSettings, SmtpSettings
 from appeal_mailer.errors import (
+    AppealMailerError,
     DeliveryError,
     PermanentDeliveryError,
     ServerError,
@@ -44,6 +45,8 @@ class Transport(Protocol):
     """Delivers one message at a time; several `send` calls may run at once."""
 
     description: str
+    # How many messages it can have in flight at once.
+    connections: int
 
     async def open(self) -> None:
         """Get ready to send; raise ServerError if sending is impossible (nothing sent yet)."""
@@ -63,6 +66,7 @@ class SMTPTransport:
         self._backoff = sending.retry_backoff
         self._max_delay = sending.retry_max_delay
         self._limiter = limiter
+        self.connections = smtp.connections
         self._idle: list[aiosmtplib.SMTP] = []
         self._all: set[aiosmtplib.SMTP] = set()
         mode = {"starttls": "STARTTLS", "tls": "TLS", "none": "no TLS"}[smtp.security]
@@ -108,8 +112,11 @@ class SMTPTransport:
         attempts = 0
         domain = envelope.recipient.rpartition("@")[2]
 
-        def slow_down(_state: RetryCallState) -> None:
-            self._limiter.slow_down()
+        def slow_down(state: RetryCallState) -> None:
+            # One push-back per message: a greylisted recipient retried three times
+            # is one recipient's trouble, not a burst from the server.
+            if state.attempt_number == 1:
+                self._limiter.slow_down()
 
         retrying = AsyncRetrying(
             stop=stop_after_attempt(max(attempts_allowed, 1)),
@@ -129,7 +136,8 @@ class SMTPTransport:
                     await self._limiter.acquire(domain if attempts > 1 else None)
                     reply = await self._attempt(envelope)
         except TransientDeliveryError as exc:
-            self._limiter.slow_down()
+            if attempts == 1:  # not counted yet: no retry was slept before
+                self._limiter.slow_down()
             return _result(envelope, State.DEFERRED, attempts, exc)
         except PermanentDeliveryError as exc:
             return _result(envelope, State.FAILED, attempts, exc)
@@ -310,18 +318,27 @@ class DryRunTransport:
     def __init__(self, directory: Path) -> None:
         self._directory = directory
         self.description = f"dry run: messages written to {directory}/"
+        self.connections = 1
         self._index: TextIO | None = None
         self._writer: Any = None
 
     async def open(self) -> None:
-        self._directory.mkdir(parents=True, exist_ok=True)
-        # Written as the run goes, so memory does not grow with the list.
-        self._index = (self._directory / "index.csv").open("w", newline="", encoding="utf-8")
+        try:
+            self._directory.mkdir(parents=True, exist_ok=True)
+            # Written as the run goes, so memory does not grow with the list.
+            self._index = (self._directory / "index.csv").open("w", newline="", encoding="utf-8")
+        except OSError as exc:
+            raise AppealMailerError(
+                f"{self._directory}: cannot write the preview: {exc.strerror}",
+                hint="pass a writable folder with --out",
+            ) from exc
         self._writer = csv.writer(self._index)
         self._writer.writerow(["file", "email", "message_id"])
 
     async def send(self, envelope: Envelope, *, attempts_allowed: int) -> DeliveryResult:
-        name = f"{envelope.row_id:06d}-{_UNSAFE_FILENAME.sub('_', envelope.recipient)}.eml"
+        # At most 100 characters of the address: a file name has 255 bytes at most.
+        shown = _UNSAFE_FILENAME.sub("_", envelope.recipient)[:100]
+        name = f"{envelope.row_id:06d}-{shown}.eml"
         (self._directory / name).write_bytes(envelope.data)
         if self._writer is not None:
             self._writer.writerow([name, envelope.recipient, envelope.message_id])
