@@ -14,7 +14,7 @@ import pytest
 from appeal_mailer.campaign import CampaignRun
 from appeal_mailer.config import load_settings
 from appeal_mailer.errors import ConfigError, LedgerError
-from appeal_mailer.ledger import Ledger, runs, timestamp
+from appeal_mailer.ledger import Durability, Ledger, runs, timestamp
 from appeal_mailer.models import DeliveryResult, Envelope, Recipient, State
 from appeal_mailer.ratelimit import RateLimiter
 from appeal_mailer.transport import SMTPTransport
@@ -214,3 +214,40 @@ def test_the_wheel_carries_the_init_example(tmp_path: Path) -> None:
         "appeal_mailer/py.typed",
     ):
         assert name in names
+
+
+def test_resend_unknown_sends_again_with_the_same_message_id(
+    run_cli: CliRun, write_list: ListWriter, smtp_server: RecordingServer
+) -> None:
+    """An unknown row is not re-sent by a plain `send`; `--resend-unknown` sends it, same ID."""
+    smtp_server.fail("lost@example.org", "data", "drop-after-data")
+    path = write_list([{"email": "lost@example.org"}, {"email": "fine@example.org"}])
+    first = run_cli("send", str(path), "--yes")
+    assert first.exit_code == 3
+    assert "--resend-unknown" in first.output
+    assert run_cli("send", str(path), "--yes").exit_code == 3
+    assert smtp_server.count_by_recipient()["lost@example.org"] == 1
+    again = run_cli("send", str(path), "--yes", "--resend-unknown")
+    assert again.exit_code == 0, again.output
+    copies = [m for m in smtp_server.messages if m.rcpt_tos == ["lost@example.org"]]
+    assert len(copies) == 2
+    ids = {
+        line
+        for message in copies
+        for line in message.data.split(b"\r\n")
+        if line.startswith(b"Message-ID:")
+    }
+    assert len(ids) == 1
+    assert smtp_server.count_by_recipient()["fine@example.org"] == 1
+
+
+@pytest.mark.parametrize(("durability", "expected"), [("power", 2), ("crash", 1)])
+def test_durability_setting_chooses_how_sqlite_flushes(
+    tmp_path: Path, durability: Durability, expected: int
+) -> None:
+    """durability = "power" flushes every commit (FULL); "crash" relies on the OS (NORMAL)."""
+    ledger = Ledger.open(f"sqlite:///{tmp_path / 'l.db'}", durability=durability)
+    with ledger._read() as conn:
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == expected
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    ledger.close()

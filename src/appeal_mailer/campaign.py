@@ -69,6 +69,7 @@ class RunReport:
     dry_run: bool
     preflight: Preflight
     recovered_unknown: int = 0
+    requeued_unknown: int = 0
     new_rows: int = 0
     due: int = 0
     sent: int = 0
@@ -130,6 +131,7 @@ class CampaignRun:
         limit: int | None = None,
         now: datetime | None = None,
         pace: RateLimiter | None = None,
+        resend_unknown: bool = False,
     ) -> None:
         self.settings = settings
         self.ledger = ledger
@@ -140,6 +142,7 @@ class CampaignRun:
         self.limit = limit
         # Paces each message's first attempt per domain; the transport paces the rest.
         self.pace = pace
+        self.resend_unknown = resend_unknown
         self.now = now or datetime.now(UTC)
         campaign = settings.campaign
         unsubscribe_key = campaign.unsubscribe_key
@@ -226,6 +229,10 @@ class CampaignRun:
         report.new_rows = await self._db(
             self.ledger.load, campaign, self.step, run_id, self._recipients_with_ids()
         )
+        if self.resend_unknown:
+            report.requeued_unknown = await self._db(
+                self.ledger.requeue_unknown, campaign, self.step, run_id
+            )
         heartbeat = asyncio.create_task(self._heartbeat(run_id))
         try:
             await self._deliver(run_id, report, progress)

@@ -103,6 +103,11 @@ def _reported(fn: F) -> F:
 )
 @click.option("--limit", type=click.IntRange(min=1), help="Send at most N messages this run.")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask before sending (cron, scripts).")
+@click.option(
+    "--resend-unknown",
+    is_flag=True,
+    help="Send again to rows whose delivery is unknown (may duplicate; same Message-ID).",
+)
 @click.pass_obj
 @_reported
 def send(  # noqa: PLR0917  # click passes each option as an argument
@@ -114,6 +119,7 @@ def send(  # noqa: PLR0917  # click passes each option as an argument
     out: Path | None,
     limit: int | None,
     yes: bool,
+    resend_unknown: bool,
 ) -> None:
     """Send (or with --dry-run, render) the campaign to every subscriber on LIST.
 
@@ -138,7 +144,9 @@ def send(  # noqa: PLR0917  # click passes each option as an argument
     else:
         limiter = RateLimiter(settings.sending.rate, dict(settings.sending.domain_limits))
         transport = SMTPTransport(settings.smtp, settings.sending, limiter)
-    ledger = Ledger.open(settings.ledger_url, scratch_copy=dry_run)
+    ledger = Ledger.open(
+        settings.ledger_url, scratch_copy=dry_run, durability=settings.ledger.durability
+    )
     try:
         run = CampaignRun(
             settings,
@@ -149,6 +157,7 @@ def send(  # noqa: PLR0917  # click passes each option as an argument
             dry_run=dry_run,
             limit=limit,
             pace=None if dry_run else limiter,
+            resend_unknown=resend_unknown,
         )
         preflight = run.prepare()
         if preflight.valid == 0:

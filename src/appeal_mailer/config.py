@@ -191,6 +191,9 @@ class CampaignSettings(_Section):
 
 class LedgerSettings(_Section):
     path: Path = Path("appeal-mailer.db")
+    # "power": every commit survives power loss (SQLite synchronous=FULL);
+    # "crash": a crash of the process only (synchronous=NORMAL), cheaper.
+    durability: Literal["power", "crash"] = "power"
     # A secret: a PostgreSQL URL may carry a password.
     url: SecretStr | None = None
 

@@ -11,12 +11,12 @@ import json
 import shutil
 import sqlite3
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Literal
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
@@ -27,6 +27,8 @@ from appeal_mailer.errors import LedgerError
 from appeal_mailer.models import DeliveryResult, Recipient, State
 
 SCHEMA_VERSION = 1
+# "power": a commit survives power loss; "crash": a crash of the process only.
+Durability = Literal["power", "crash"]
 _BATCH = 500
 
 metadata = sa.MetaData()
@@ -154,7 +156,9 @@ class Ledger:
         self._scratch = scratch
 
     @classmethod
-    def open(cls, url: str, *, scratch_copy: bool = False) -> Ledger:
+    def open(
+        cls, url: str, *, scratch_copy: bool = False, durability: Durability = "power"
+    ) -> Ledger:
         """Open (and create) the ledger at `url`.
 
         With `scratch_copy`, an SQLite ledger is copied into a temporary file and the
@@ -176,7 +180,7 @@ class Ledger:
                 _make_parent(url)
                 engine = sa.create_engine(url, future=True)
                 if engine.dialect.name == "sqlite":
-                    sa.event.listen(engine, "connect", _sqlite_pragmas)
+                    sa.event.listen(engine, "connect", _sqlite_pragmas(durability))
             ledger = cls(engine, location, scratch)
             ledger._create_schema()
         except SQLAlchemyError as exc:
@@ -285,6 +289,28 @@ class Ledger:
         return new
 
     # -- sending ----------------------------------------------------------------
+
+    def requeue_unknown(self, campaign: str, step: str, run_id: int) -> int:
+        """Make this run's list's `unknown` rows due again (send --resend-unknown).
+
+        They keep their Message-ID, so a copy that did arrive before can be
+        recognised as a duplicate downstream.
+        """
+        listed = sa.select(recipients.c.email).where(
+            recipients.c.campaign == campaign, recipients.c.seen_run == run_id
+        )
+        with self._write() as conn:
+            result = conn.execute(
+                deliveries.update()
+                .where(
+                    deliveries.c.campaign == campaign,
+                    deliveries.c.step == step,
+                    deliveries.c.state == State.UNKNOWN.value,
+                    deliveries.c.email.in_(listed),
+                )
+                .values(state=State.PENDING.value, updated_at=timestamp())
+            )
+            return max(result.rowcount, 0)
 
     def recover_interrupted(self, campaign: str, step: str) -> int:
         """Rows left `sending` by a run that died become `unknown`; returns how many.
@@ -599,15 +625,22 @@ def _at_domain(domain: str) -> sa.ColumnElement[bool]:
     )
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    cursor = dbapi_connection.cursor()
-    # WAL lets `status` read while a run writes; FULL makes every commit survive
-    # power loss, not only a crash of the process.
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=FULL")
-    cursor.execute("PRAGMA busy_timeout=30000")
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.close()
+def _sqlite_pragmas(durability: Durability) -> Callable[[Any, Any], None]:
+    # WAL lets `status` read while a run writes. In WAL mode, synchronous=NORMAL
+    # keeps every commit through a crash of the process but not through power
+    # loss; FULL flushes the log on each commit and keeps it through both
+    # (https://www.sqlite.org/pragma.html#pragma_synchronous).
+    synchronous = "FULL" if durability == "power" else "NORMAL"
+
+    def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA synchronous={synchronous}")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    return on_connect
 
 
 def _scratch_copy(url: str) -> tuple[sa.Engine, Path]:

@@ -97,7 +97,11 @@ def summary(report: RunReport) -> str:
     for title, rows in (
         ("Failed (not retried)", report.failed),
         ("Deferred (retried by the next `send`)", report.deferred),
-        ("Unknown (the connection broke after the message was sent)", report.unknown),
+        (
+            "Unknown (the connection broke after the message was sent; not re-sent "
+            "unless you run send --resend-unknown)",
+            report.unknown,
+        ),
     ):
         if rows:
             lines.append(f"{title}:")
@@ -105,7 +109,12 @@ def summary(report: RunReport) -> str:
     if report.recovered_unknown:
         lines.append(
             f"{report.recovered_unknown} messages were being sent when an earlier run stopped: "
-            "marked unknown, not re-sent"
+            "marked unknown, not re-sent (--resend-unknown sends them again)"
+        )
+    if report.requeued_unknown:
+        lines.append(
+            f"{report.requeued_unknown} messages of unknown fate were sent again "
+            "(--resend-unknown), with their first Message-ID"
         )
     if report.released:
         lines.append(f"{report.released} claimed messages were not sent and are pending again")
