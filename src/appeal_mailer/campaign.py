@@ -19,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from appeal_mailer.bounces import mailbox_gone
 from appeal_mailer.config import Settings
 from appeal_mailer.errors import AppealMailerError, ServerError
 from appeal_mailer.ledger import HEARTBEAT, DueScope, Ledger, timestamp
@@ -74,6 +75,8 @@ class RunReport:
     due: int = 0
     sent: int = 0
     suppressed: int = 0
+    # Addresses put on the do-not-mail list because the server said they do not exist.
+    bounced: int = 0
     failed: list[DeliveryResult] = field(default_factory=list)
     deferred: list[DeliveryResult] = field(default_factory=list)
     unknown: list[DeliveryResult] = field(default_factory=list)
@@ -106,6 +109,7 @@ class RunReport:
             "deferred": len(self.deferred),
             "unknown": len(self.unknown),
             "suppressed": self.suppressed,
+            "bounced": self.bounced,
             "stopped": self.stopped,
         }
 
@@ -311,6 +315,9 @@ class CampaignRun:
         # `sending` row into `unknown`, never re-sent, so claiming ahead of the pace
         # would lose the rest of the list. Each worker may hold one message in flight
         # and one claimed next, so that its next claim commit overlaps its SMTP work.
+        # A row keeps its place until its result is durable (record), not just until
+        # its reply came: until then it is `sending` too, so a crash leaves at most
+        # 2 x connections rows unknown, however far the ledger lags behind the server.
         free = asyncio.Semaphore(2 * connections)
 
         async def claim() -> None:
@@ -345,13 +352,12 @@ class CampaignRun:
 
         async def deliver() -> None:
             while (job := await ready.get()) is not None:
-                try:
-                    if self._stop.is_set():
-                        unsent.append(job.envelope.row_id)
-                        continue
-                    await results.put(await self._send(job))
-                finally:
+                if self._stop.is_set():
+                    unsent.append(job.envelope.row_id)
                     free.release()
+                    continue
+                # _send returns a result for every failure; record() frees the place.
+                await results.put(await self._send(job))
 
         async def record() -> None:
             streak = 0
@@ -367,13 +373,24 @@ class CampaignRun:
                 done = item is None
                 if not batch:
                     continue
+                # A reply saying the mailbox does not exist suppresses the address,
+                # in the same commit as the failure (the rule: bounces.py).
+                bounced = [
+                    (result.recipient, f"{result.code} {result.reply or ''}".rstrip())
+                    for result, _ in batch
+                    if result.state is State.FAILED and mailbox_gone(result.code, result.reply)
+                ]
                 try:
-                    await self._db(self.ledger.record, batch)
+                    await self._db(self.ledger.record, batch, bounced)
                 except AppealMailerError as exc:
                     # Not recorded: these rows stay `sending`, so the next run marks
                     # them unknown rather than sending them again.
                     self.stop(f"could not record results: {exc}", exc)
                     continue
+                finally:
+                    for _ in batch:
+                        free.release()
+                report.bounced += len(bounced)
                 for result, _ in batch:
                     streak = streak + 1 if _unreachable(result) else 0
                     self._count(report, result)
@@ -386,6 +403,17 @@ class CampaignRun:
         # STARTTLS stops the run here, before any message.
         await self.transport.open()
         recorder = asyncio.create_task(record())
+
+        def recorder_ended(task: asyncio.Task[None]) -> None:
+            # Only recording gives claim() its places back: should it fail (a bug), stop
+            # the run and give them all back, so that nothing waits for them forever.
+            error = None if task.cancelled() else task.exception()
+            if isinstance(error, Exception):
+                self.stop(f"could not record results: {error!r}", _error(error))
+                for _ in range(2 * connections):
+                    free.release()
+
+        recorder.add_done_callback(recorder_ended)
         try:
             workers = [deliver() for _ in range(connections)]
             producers = [produce(domain, exclude) for domain, exclude in lanes]

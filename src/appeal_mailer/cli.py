@@ -16,13 +16,16 @@ import sys
 from collections.abc import Callable, Iterator
 from importlib import resources
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from appeal_mailer import __version__
 from appeal_mailer.errors import AppealMailerError, ConfigError
 from appeal_mailer.models import NAME_MAX, NAME_PATTERN
+
+if TYPE_CHECKING:
+    from appeal_mailer.ledger import Ledger
 
 EXIT_OK, EXIT_STOPPED, EXIT_USAGE, EXIT_TROUBLE = 0, 1, 2, 3
 NAME_RE = re.compile(NAME_PATTERN)
@@ -145,7 +148,10 @@ def send(  # noqa: PLR0917  # click passes each option as an argument
         limiter = RateLimiter(settings.sending.rate, dict(settings.sending.domain_limits))
         transport = SMTPTransport(settings.smtp, settings.sending, limiter)
     ledger = Ledger.open(
-        settings.ledger_url, scratch_copy=dry_run, durability=settings.ledger.durability
+        settings.ledger_url,
+        scratch_copy=dry_run,
+        durability=settings.ledger.durability,
+        campaign=settings.campaign.id,
     )
     try:
         run = CampaignRun(
@@ -292,9 +298,177 @@ def status(obj: _Context, campaign: str | None, fmt: str) -> None:
             report.write_status_csv(sys.stdout, ledger.rows(name))
         else:
             problems = ledger.rows(name, states=("failed", "deferred", "unknown"))
-            click.echo(report.status_table(name, counts, problems))
+            suppressed = ledger.rows(name, states=("suppressed",))
+            click.echo(report.status_table(name, counts, problems, suppressed))
     finally:
         ledger.close()
+
+
+@main.group()
+def suppress() -> None:
+    """The do-not-mail list, one for all campaigns: unsubscribes, hard bounces, manual entries.
+
+    `send` checks it just before each message, so an address added while a
+    campaign is running gets nothing more.
+    """
+
+
+@suppress.command("add")
+@click.argument("addresses", metavar="ADDRESS...", nargs=-1, required=True)
+@click.option(
+    "--reason", default="", help="Why; kept with the entry and shown by `suppress list`."
+)
+@click.pass_obj
+@_reported
+def suppress_add(obj: _Context, addresses: tuple[str, ...], reason: str) -> None:
+    """Put each ADDRESS on the do-not-mail list."""
+    emails = _normalized(addresses, "nothing was added")
+    ledger = _ledger(obj)
+    try:
+        for email in emails:
+            if ledger.suppress(email, reason, "manual"):
+                click.echo(f"added {email}")
+            else:
+                click.echo(f"{email} was already on the do-not-mail list")
+    finally:
+        ledger.close()
+
+
+@suppress.command("remove")
+@click.argument("addresses", metavar="ADDRESS...", nargs=-1, required=True)
+@click.pass_obj
+@_reported
+def suppress_remove(obj: _Context, addresses: tuple[str, ...]) -> None:
+    """Take each ADDRESS off the do-not-mail list; campaigns may mail it again."""
+    emails = _normalized(addresses, "nothing was removed")
+    ledger = _ledger(obj)
+    try:
+        for email in emails:
+            removed, released = ledger.unsuppress(email)
+            if not removed:
+                click.echo(f"{email} was not on the do-not-mail list")
+                continue
+            click.echo(
+                f"removed {email}"
+                + (
+                    f" (unsent messages to it, pending again: {released}; "
+                    "the next `send` of their campaign mails them)"
+                    if released
+                    else ""
+                )
+            )
+    finally:
+        ledger.close()
+
+
+@suppress.command("import")
+@click.argument("path", metavar="FILE", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--reason", help="Why, for lines that give none [default: imported from FILE].")
+@click.pass_obj
+@_reported
+def suppress_import(obj: _Context, path: Path, reason: str | None) -> None:
+    """Add every address of FILE: a CSV with an `email` column, or one address per line.
+
+    An optional `reason` column is kept with each entry. Lines that are not an
+    address are listed by line number, the others are imported, and the exit
+    status is then 1.
+    """
+    from appeal_mailer.lists import AddressLine, read_addresses  # noqa: PLC0415  # fast --help
+
+    # Read twice, as a stream: a file that cannot be read at all (not UTF-8, an
+    # unbalanced quote) stops here, before anything is written.
+    valid = skipped = 0
+    for item in read_addresses(path):
+        if isinstance(item, AddressLine):
+            valid += 1
+        else:
+            skipped += 1
+            click.echo(f"skipped {path}:{item.line}: {item.reason}", err=True)
+    if valid == 0 and skipped == 0:
+        click.echo(f"{path}: no addresses; nothing to import")
+        return
+    default = reason if reason is not None else f"imported from {path.name}"
+    added = 0
+    if valid:
+        ledger = _ledger(obj)
+        try:
+            added = ledger.suppress_many(
+                (
+                    (item.email, item.reason or default)
+                    for item in read_addresses(path)
+                    if isinstance(item, AddressLine)
+                ),
+                "import",
+            )
+        finally:
+            ledger.close()
+    click.echo(
+        f"{path}: {valid} addresses imported ({added} new, {valid - added} already on the "
+        "do-not-mail list)" + (f", {skipped} lines skipped" if skipped else "")
+    )
+    if skipped:
+        click.secho(
+            f"error: {path}: the lines listed above are not addresses and were not imported",
+            err=True,
+            fg="red",
+        )
+        click.echo("hint: correct them and import the file again", err=True)
+        sys.exit(EXIT_STOPPED)
+
+
+@suppress.command("list")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "json", "csv"]),
+    default="table",
+    show_default=True,
+)
+@click.pass_obj
+@_reported
+def suppress_list(obj: _Context, fmt: str) -> None:
+    """Show the do-not-mail list: each address with its reason, source and date."""
+    from appeal_mailer import report  # noqa: PLC0415  # keep --help fast
+
+    ledger = _ledger(obj)
+    try:
+        if fmt == "csv":
+            report.write_suppressions_csv(sys.stdout, ledger.suppressions())
+        elif fmt == "json":
+            counts = ledger.suppression_counts()
+            report.write_suppressions_json(sys.stdout, counts, ledger.suppressions())
+        else:
+            counts = ledger.suppression_counts()
+            report.write_suppressions_table(sys.stdout, counts, ledger.suppressions())
+    finally:
+        ledger.close()
+
+
+def _normalized(addresses: tuple[str, ...], outcome: str) -> list[str]:
+    """Each address as lists.py normalizes it; exit 1 naming every one that is not valid."""
+    from appeal_mailer.lists import normalize_address  # noqa: PLC0415  # keep --help fast
+
+    emails: list[str] = []
+    errors: list[str] = []
+    for text in addresses:
+        try:
+            emails.append(normalize_address(text))
+        except ValueError as exc:
+            reason = str(exc)
+            errors.append(reason if repr(text.strip()) in reason else f"{text!r}: {reason}")
+    for error in errors:
+        click.secho(f"error: {error}", err=True, fg="red")
+    if errors:
+        click.echo(f"hint: {outcome}; correct the address and run the command again", err=True)
+        sys.exit(EXIT_STOPPED)
+    return emails
+
+
+def _ledger(obj: _Context) -> Ledger:
+    from appeal_mailer.ledger import Ledger  # noqa: PLC0415  # keep --help fast
+
+    settings = obj.settings()
+    return Ledger.open(settings.ledger_url, durability=settings.ledger.durability)
 
 
 @main.command()

@@ -7,8 +7,11 @@ commits before it returns: the caller decides which thread waits for it.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import socket
 import sqlite3
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -26,7 +29,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from appeal_mailer.errors import LedgerError
 from appeal_mailer.models import DeliveryResult, Recipient, State
 
-SCHEMA_VERSION = 1
+# The schema this release writes. A ledger made by an older release is brought up to
+# it on open by _MIGRATIONS (see Ledger._migrate); one made by a newer one is refused.
+SCHEMA_VERSION = 2
 # "power": a commit survives power loss; "crash": a crash of the process only.
 Durability = Literal["power", "crash"]
 _BATCH = 500
@@ -88,6 +93,11 @@ runs = sa.Table(
     # STALE_AFTER seconds is dead, and its `sending` rows can be recovered.
     sa.Column("heartbeat_at", sa.String(32), nullable=False),
     sa.Column("summary", sa.Text, nullable=True),
+    # Where the run's process is (see _this_host) and its pid: a run killed outright
+    # (kill -9, OOM) leaves a fresh heartbeat, but a run on this host whose process is
+    # gone is known dead at once, and the next run need not wait STALE_AFTER.
+    sa.Column("host", sa.Text, nullable=True),
+    sa.Column("pid", sa.Integer, nullable=True),
 )
 HEARTBEAT = 10.0
 STALE_AFTER = 60.0
@@ -97,6 +107,7 @@ suppressions = sa.Table(
     metadata,
     sa.Column("email", sa.String(320), primary_key=True),
     sa.Column("reason", sa.Text, nullable=False),
+    # "manual" (suppress add), "import" (suppress import) or "bounce" (see bounces.py).
     sa.Column("source", sa.String(32), nullable=False),
     sa.Column("created_at", sa.String(32), nullable=False),
 )
@@ -146,6 +157,16 @@ class LedgerRow:
     next_attempt_at: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class Suppression:
+    """One address on the do-not-mail list, as `suppress list` reports it."""
+
+    email: str
+    reason: str
+    source: str
+    created_at: str
+
+
 class Ledger:
     """Durable delivery state. Open with `Ledger.open(url)`; close with `close()`."""
 
@@ -157,14 +178,21 @@ class Ledger:
 
     @classmethod
     def open(
-        cls, url: str, *, scratch_copy: bool = False, durability: Durability = "power"
+        cls,
+        url: str,
+        *,
+        scratch_copy: bool = False,
+        durability: Durability = "power",
+        campaign: str | None = None,
     ) -> Ledger:
-        """Open (and create) the ledger at `url`.
+        """Open the ledger at `url`: create it, or bring an older one's schema up to date.
 
-        With `scratch_copy`, an SQLite ledger is copied into a temporary file and the
+        `url` is an SQLAlchemy URL; a plain `postgresql://` one is opened with psycopg 3.
+        With `scratch_copy`, the ledger is copied into a temporary SQLite file and the
         copy is opened: a dry run then sees exactly what a real run would, and writes
         nothing to the real ledger. (A file, not memory: memory must not grow with
-        the list.)
+        the list.) `campaign` limits the copy of a PostgreSQL ledger to that
+        campaign's rows (an SQLite file is copied whole).
         """
         scratch = None
         try:
@@ -173,22 +201,26 @@ class Ledger:
             raise LedgerError(
                 "not a database URL", location="[ledger] url", hint="e.g. postgresql://host/db"
             ) from exc
+        ledger = None
         try:
             if scratch_copy:
-                engine, scratch = _scratch_copy(url)
+                engine, scratch = _scratch_copy(url, location, campaign)
             else:
-                _make_parent(url)
-                engine = sa.create_engine(url, future=True)
-                if engine.dialect.name == "sqlite":
-                    sa.event.listen(engine, "connect", _sqlite_pragmas(durability))
+                engine = _connect(url, location, durability)
             ledger = cls(engine, location, scratch)
-            ledger._create_schema()
+            ledger._migrate()
         except SQLAlchemyError as exc:
+            if ledger is not None:
+                ledger.close()
             raise LedgerError(
                 f"cannot open: {exc.__class__.__name__}: {_first_line(exc)}",
                 location=location,
                 hint="check [ledger] path or url in the config",
             ) from exc
+        except LedgerError:
+            if ledger is not None:
+                ledger.close()
+            raise
         return ledger
 
     def close(self) -> None:
@@ -207,6 +239,8 @@ class Ledger:
                     command=command,
                     started_at=timestamp(),
                     heartbeat_at=timestamp(),
+                    host=_this_host(),
+                    pid=os.getpid(),
                 )
             )
             key = result.inserted_primary_key
@@ -279,13 +313,14 @@ class Ledger:
                     ),
                     people,
                 )
-                result = conn.execute(
-                    self._insert(deliveries).on_conflict_do_nothing(
-                        index_elements=["campaign", "step", "email"]
-                    ),
+                inserted = conn.execute(
+                    self._insert(deliveries)
+                    .on_conflict_do_nothing(index_elements=["campaign", "step", "email"])
+                    .returning(deliveries.c.id),
                     rows,
                 )
-                new += max(result.rowcount, 0)
+                # Counted from RETURNING, not rowcount: psycopg reports -1 for executemany.
+                new += len(inserted.all())
         return new
 
     # -- sending ----------------------------------------------------------------
@@ -320,9 +355,18 @@ class Ledger:
         of a run that is still alive (an overlapping cron run) are left alone.
         """
         stale = timestamp(datetime.now(UTC) - timedelta(seconds=STALE_AFTER))
-        alive = sa.select(runs.c.id).where(
-            runs.c.finished_at.is_(None), runs.c.heartbeat_at >= stale
-        )
+        unfinished = sa.and_(runs.c.finished_at.is_(None), runs.c.heartbeat_at >= stale)
+        # Runs of this host whose process is gone. Read before the update, outside
+        # its transaction: that is safe, because a dead process never comes back, and
+        # a run that starts meanwhile is not in this list, so it counts as alive.
+        with self._read() as conn:
+            here = conn.execute(
+                sa.select(runs.c.id, runs.c.pid).where(
+                    unfinished, runs.c.host == _this_host(), runs.c.pid.is_not(None)
+                )
+            ).all()
+        gone = [run_id for run_id, pid in here if not _running(pid)]
+        alive = sa.select(runs.c.id).where(unfinished, runs.c.id.not_in(gone))
         with self._write() as conn:
             result = conn.execute(
                 deliveries.update()
@@ -421,6 +465,20 @@ class Ledger:
             return [], []
         now = timestamp()
         with self._write() as conn:
+            if conn.dialect.name == "postgresql":
+                # Two runs may claim overlapping batches at once. Each UPDATE below
+                # only takes rows still claimable: under READ COMMITTED, an UPDATE that
+                # waits for a row another transaction locked re-checks its WHERE on the
+                # committed row, so a row the other run made `sending` is skipped. Lock
+                # the batch in id order first, so that the two runs queue on their first
+                # shared row rather than lock in two scan orders and deadlock. (SQLite
+                # has one writer at a time; it needs neither.)
+                conn.execute(
+                    sa.select(deliveries.c.id)
+                    .where(deliveries.c.id.in_(row_ids), deliveries.c.state.in_(_CLAIMABLE))
+                    .order_by(deliveries.c.id)
+                    .with_for_update()
+                )
             suppressed_emails = sa.select(suppressions.c.email)
             suppressed = conn.execute(
                 deliveries.update()
@@ -441,8 +499,16 @@ class Ledger:
             ).scalars()
             return list(claimed), suppressed_ids
 
-    def record(self, results: Sequence[tuple[DeliveryResult, str | None]]) -> None:
-        """Write each outcome, with the next attempt's time if deferred; durable on return."""
+    def record(
+        self,
+        results: Sequence[tuple[DeliveryResult, str | None]],
+        bounced: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        """Write each outcome, with the next attempt's time if deferred; durable on return.
+
+        Each (email, reply) of `bounced` goes on the do-not-mail list (source
+        "bounce") in the same transaction: durable exactly when its failure is.
+        """
         if not results:
             return
         now = timestamp()
@@ -471,6 +537,14 @@ class Ledger:
                     for r, next_at in results
                 ],
             )
+            if bounced:
+                conn.execute(
+                    self._insert(suppressions).on_conflict_do_nothing(index_elements=["email"]),
+                    [
+                        {"email": email, "reason": reply, "source": "bounce", "created_at": now}
+                        for email, reply in bounced
+                    ],
+                )
 
     def release(self, row_ids: Sequence[int], run_id: int) -> None:
         """Put claimed rows whose DATA never started back to `pending` (a run stopping early)."""
@@ -496,8 +570,66 @@ class Ledger:
                 self._insert(suppressions)
                 .values(email=email.lower(), reason=reason, source=source, created_at=timestamp())
                 .on_conflict_do_nothing(index_elements=["email"])
+                .returning(suppressions.c.email)
             )
-            return result.rowcount > 0
+            # From RETURNING: through SQLAlchemy, psycopg reports no rowcount for an INSERT.
+            return result.first() is not None
+
+    def suppress_many(self, entries: Iterable[tuple[str, str]], source: str) -> int:
+        """Add each (email, reason), committed in batches; returns how many were not there yet."""
+        added = 0
+        for batch in _batched(entries, _BATCH):
+            now = timestamp()
+            with self._write() as conn:
+                # Counted from RETURNING: after an executemany, psycopg may report rowcount -1.
+                result = conn.execute(
+                    self._insert(suppressions)
+                    .on_conflict_do_nothing(index_elements=["email"])
+                    .returning(suppressions.c.email),
+                    [
+                        {"email": email, "reason": reason, "source": source, "created_at": now}
+                        for email, reason in batch
+                    ],
+                )
+                added += len(result.all())
+        return added
+
+    def unsuppress(self, email: str) -> tuple[bool, int]:
+        """Take `email` off the do-not-mail list: whether it was there, and rows released.
+
+        Its rows marked `suppressed` were never sent (the list is checked before
+        DATA): they become `pending`, so the next `send` of their campaign mails them.
+        """
+        with self._write() as conn:
+            removed = conn.execute(suppressions.delete().where(suppressions.c.email == email))
+            released = conn.execute(
+                deliveries.update()
+                .where(
+                    deliveries.c.email == email,
+                    deliveries.c.state == State.SUPPRESSED.value,
+                )
+                .values(state=State.PENDING.value, claimed_by=None, updated_at=timestamp())
+            )
+            return removed.rowcount > 0, max(released.rowcount, 0)
+
+    def suppressions(self) -> Iterator[Suppression]:
+        """The do-not-mail list in address order, streamed page by page."""
+        last = ""
+        query = sa.select(suppressions).order_by(suppressions.c.email).limit(_BATCH)
+        while True:
+            with self._read() as conn:
+                page = conn.execute(query.where(suppressions.c.email > last)).all()
+            for row in page:
+                yield Suppression(row.email, row.reason, row.source, row.created_at)
+            if len(page) < _BATCH:
+                return
+            last = page[-1].email
+
+    def suppression_counts(self) -> dict[str, int]:
+        """How many addresses the do-not-mail list holds, per source."""
+        query = sa.select(suppressions.c.source, sa.func.count()).group_by(suppressions.c.source)
+        with self._read() as conn:
+            return {source: int(n) for source, n in conn.execute(query).all()}
 
     # -- reports ------------------------------------------------------------------
 
@@ -575,21 +707,31 @@ class Ledger:
     def _read(self) -> _Transaction:
         return _Transaction(self._engine, self.location)
 
-    def _create_schema(self) -> None:
-        with self._engine.begin() as conn:
-            metadata.create_all(conn)
-            version = conn.execute(
-                sa.select(meta.c.value).where(meta.c.key == "schema_version")
-            ).scalar()
+    def _migrate(self) -> None:
+        """Create the schema in an empty database, or bring an older ledger's up to date.
+
+        An up-to-date ledger costs two small reads. Otherwise the work is one transaction
+        (both engines run DDL in transactions, so a kill leaves the old schema or the
+        new, never half of it), under a lock, so that two processes opening an old
+        ledger at once (cron on two machines) migrate it once.
+        """
+        with self._engine.connect() as conn:
+            if _schema_version(conn) == SCHEMA_VERSION:
+                return
+        with self._engine.connect() as conn:
+            _lock_schema(conn)
+            version = _schema_version(conn)
             if version is None:
+                metadata.create_all(conn)
                 conn.execute(meta.insert().values(key="schema_version", value=str(SCHEMA_VERSION)))
-            elif int(version) > SCHEMA_VERSION:
-                raise LedgerError(
-                    f"made by a newer appeal-mailer (schema {version}, this one knows "
-                    f"{SCHEMA_VERSION})",
-                    location=self.location,
-                    hint="upgrade appeal-mailer",
-                )
+            else:
+                _check_not_newer(version, self.location)
+                for step in range(version + 1, SCHEMA_VERSION + 1):
+                    _MIGRATIONS[step](conn)
+                # Deleted and written again: the row may be missing (see _schema_version).
+                conn.execute(meta.delete().where(meta.c.key == "schema_version"))
+                conn.execute(meta.insert().values(key="schema_version", value=str(SCHEMA_VERSION)))
+            conn.commit()
 
 
 class _Transaction:
@@ -615,6 +757,109 @@ class _Transaction:
             raise LedgerError(_first_line(error), location=self._location) from error
         if isinstance(exc, SQLAlchemyError):
             raise LedgerError(_first_line(exc), location=self._location) from exc
+
+
+def _this_host() -> str:
+    """This machine, boot and pid namespace: where a run's pid names the same process.
+
+    The host name alone is not enough: two containers may share a name and the
+    ledger file while each has its own pids. Where the parts beyond the name are
+    missing (not Linux), the name stands alone.
+    """
+    parts = [socket.gethostname()]
+    with contextlib.suppress(OSError):
+        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text(encoding="ascii").strip())
+    with contextlib.suppress(OSError):
+        parts.append(os.readlink("/proc/self/ns/pid"))
+    return " ".join(parts)
+
+
+def _running(pid: int) -> bool:
+    """Whether a process `pid` exists here; when that cannot be told, assume it does."""
+    if os.name != "posix":
+        return True  # os.kill(pid, 0) would end the process on Windows
+    try:
+        os.kill(pid, 0)  # signal 0: checks only, sends nothing
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists, as another user's process
+        return True
+    return True
+
+
+# -- schema migrations ----------------------------------------------------------------
+#
+# _MIGRATIONS[n] turns a version n-1 ledger into version n. A new ledger is created
+# at SCHEMA_VERSION directly from `metadata`; each change to the tables above
+# bumps SCHEMA_VERSION and adds its step here, and tests/test_ledger.py checks that
+# a version 1 ledger migrated to the end has the tables `metadata` creates.
+#
+# Small functions on SQLAlchemy Core rather than Alembic: five tables that change
+# rarely, one version row that was already there, and nothing to import, ship or
+# configure (Alembic needs its own package and Mako, a script folder and env.py
+# inside the package, and about 0.2 s more imports on each `send`/`status` that has
+# to migrate). Should a step ever need what SQLite's ALTER TABLE cannot do (drop or
+# change a column), Alembic's Operations batch mode, imported lazily inside that
+# step, is the tool.
+
+_LOCK_KEY = 0x41504D4C  # "APML": the advisory lock that serializes migrations on PostgreSQL
+
+
+def _schema_version(conn: sa.Connection) -> int | None:
+    """The ledger's schema version; None for an empty database."""
+    if not sa.inspect(conn).has_table(meta.name):
+        return None
+    value = conn.execute(sa.select(meta.c.value).where(meta.c.key == "schema_version")).scalar()
+    # Release 1 created its tables before writing its version (SQLite DDL was not in the
+    # transaction): tables without a version row are a version 1 ledger killed in between.
+    return 1 if value is None else int(value)
+
+
+def _check_not_newer(version: int, location: str) -> None:
+    if version > SCHEMA_VERSION:
+        raise LedgerError(
+            f"made by a newer appeal-mailer (schema {version}, this one knows {SCHEMA_VERSION})",
+            location=location,
+            hint="upgrade appeal-mailer",
+        )
+
+
+def _lock_schema(conn: sa.Connection) -> None:
+    """Begin the migrating transaction, holding off any other process that would do the same."""
+    if conn.dialect.name == "sqlite":
+        # pysqlite begins a transaction only before INSERT/UPDATE/DELETE; take the write
+        # lock now, so that the version read next stays true until the commit.
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+    elif conn.dialect.name == "postgresql":
+        # Held until commit; keyed by schema, so ledgers in two schemas do not wait on each other.
+        conn.execute(
+            sa.text(
+                "SELECT pg_advisory_xact_lock(:key, hashtext(coalesce(current_schema(), '')))"
+            ),
+            {"key": _LOCK_KEY},
+        )
+
+
+def _add_columns(conn: sa.Connection, table: str, *columns: sa.Column[Any]) -> None:
+    """ALTER TABLE ... ADD COLUMN as the connection's dialect spells it (nullable columns)."""
+    sa.Table(table, sa.MetaData(), *columns)  # CreateColumn compiles a column of a table
+    name = conn.dialect.identifier_preparer.quote(table)
+    for column in columns:
+        spec = sa.schema.CreateColumn(column).compile(dialect=conn.dialect)
+        conn.exec_driver_sql(f"ALTER TABLE {name} ADD COLUMN {spec}")
+
+
+def _v2_run_host_and_pid(conn: sa.Connection) -> None:
+    """Runs record their host and pid, so that a run killed on this host is known dead at once.
+
+    The columns as version 2 made them, not as `runs` says today: a step is frozen.
+    """
+    _add_columns(conn, "runs", sa.Column("host", sa.Text), sa.Column("pid", sa.Integer))
+
+
+_MIGRATIONS: dict[int, Callable[[sa.Connection], None]] = {
+    2: _v2_run_host_and_pid,
+}
 
 
 def _at_domain(domain: str) -> sa.ColumnElement[bool]:
@@ -643,30 +888,112 @@ def _sqlite_pragmas(durability: Durability) -> Callable[[Any, Any], None]:
     return on_connect
 
 
-def _scratch_copy(url: str) -> tuple[sa.Engine, Path]:
-    source = sa.engine.make_url(url)
-    if source.get_backend_name() != "sqlite":
-        raise LedgerError(
-            "a dry run needs an SQLite ledger to copy",
-            location=_redact(url),
-            hint="a dry run against a PostgreSQL ledger is not supported yet",
+def _engine_url(url: str) -> sa.URL:
+    """`url` as SQLAlchemy is to open it: the one place that picks the PostgreSQL driver.
+
+    Users write `postgresql://...`; SQLAlchemy would read that as psycopg2, while
+    appeal-mailer uses psycopg 3 (the `postgres` extra). An explicit driver is kept.
+    """
+    parsed = sa.engine.make_url(url)
+    if parsed.drivername == "postgresql":
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed
+
+
+def _connect(url: str, location: str, durability: Durability) -> sa.Engine:
+    parsed = _engine_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        _make_parent(url)
+        engine = sa.create_engine(parsed)
+        sa.event.listen(engine, "connect", _sqlite_pragmas(durability))
+        return engine
+    # PostgreSQL commits are as durable as the server is set up to make them
+    # (synchronous_commit); `durability` is SQLite's.
+    connect_args: dict[str, Any] = {}
+    if "connect_timeout" not in parsed.query:
+        connect_args["connect_timeout"] = 10  # an unreachable server: fail, do not hang
+    try:
+        # READ COMMITTED whatever the server's default: `claim` relies on its re-check
+        # of a row after waiting for its lock (and a stricter level would fail instead).
+        return sa.create_engine(
+            parsed, isolation_level="READ COMMITTED", connect_args=connect_args
         )
+    except ImportError as exc:
+        raise LedgerError(
+            f"no driver for this database ({exc.name} is not installed)",
+            location=location,
+            hint="pip install 'appeal-mailer[postgres]' (psycopg 3)",
+        ) from exc
+
+
+def _scratch_copy(url: str, location: str, campaign: str | None) -> tuple[sa.Engine, Path]:
     folder = Path(tempfile.mkdtemp(prefix="appeal-mailer-dry-run-"))
     copy = folder / "ledger.db"
-    path = source.database
-    if path and Path(path).exists():
-        # Read through SQLite itself, so a ledger in use by a running send is copied consistently.
-        disk = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-        target = sqlite3.connect(copy)
-        try:
-            disk.backup(target)
-        finally:
-            disk.close()
-            target.close()
-    engine = sa.create_engine(f"sqlite:///{copy}", future=True)
+    try:
+        source = _engine_url(url)
+        if source.get_backend_name() == "sqlite":
+            path = source.database
+            if path and Path(path).exists():
+                # Read through SQLite itself, so that a ledger in use by a running send
+                # is copied consistently.
+                disk = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+                target = sqlite3.connect(copy)
+                try:
+                    disk.backup(target)
+                finally:
+                    disk.close()
+                    target.close()
+        else:
+            _copy_from_server(_connect(url, location, "power"), copy, location, campaign)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    engine = sa.create_engine(f"sqlite:///{copy}")
     # A scratch copy needs no durability: it is thrown away at the end.
     sa.event.listen(engine, "connect", _scratch_pragmas)
     return engine, folder
+
+
+def _copy_from_server(source: sa.Engine, copy: Path, location: str, campaign: str | None) -> None:
+    """Copy a PostgreSQL ledger (only `campaign`'s rows, if given) into the SQLite file `copy`.
+
+    A dry run against PostgreSQL runs on such a copy, like one against SQLite,
+    rather than on the real ledger inside one transaction rolled back at the end:
+    that transaction would hold the lock of every row the dry run claims until the
+    preview is written, so a real `send` of the campaign meanwhile (cron, another
+    machine) would wait for it; and all the dry run's work would have to share one
+    connection. The copy reads one consistent snapshot (REPEATABLE READ, read
+    only: no locks, no writes) through a server-side cursor, so memory stays flat.
+    """
+    target = sa.create_engine(f"sqlite:///{copy}")
+    sa.event.listen(target, "connect", _scratch_pragmas)
+    try:
+        with source.connect() as src, target.begin() as dst:
+            src.execution_options(isolation_level="REPEATABLE READ", postgresql_readonly=True)
+            version = _schema_version(src)
+            if version is None:
+                return  # nothing there yet: the copy starts empty, like the ledger
+            _check_not_newer(version, location)
+            if version < SCHEMA_VERSION:
+                # Migrating is writing, and a dry run of a new release must not commit
+                # the ledger to it.
+                raise LedgerError(
+                    f"made by an older appeal-mailer (schema {version}, this one "
+                    f"writes {SCHEMA_VERSION}); a dry run does not upgrade it",
+                    location=location,
+                    hint="upgrade it first: `appeal-mailer status` (or a real send) does",
+                )
+            metadata.create_all(dst)
+            for table in metadata.sorted_tables:
+                query = sa.select(table)
+                if campaign is not None and table in (recipients, deliveries):
+                    query = query.where(table.c.campaign == campaign)
+                result = src.execute(query, execution_options={"yield_per": _BATCH})
+                for part in result.partitions(_BATCH):
+                    dst.execute(table.insert(), [row._asdict() for row in part])
+    finally:
+        source.dispose()
+        target.dispose()
 
 
 def _scratch_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -686,6 +1013,8 @@ def _redact(url: str) -> str:
     parsed = sa.engine.make_url(url)
     if parsed.get_backend_name() == "sqlite":
         return parsed.database or ":memory:"
+    if "password" in parsed.query:  # libpq also takes it as ?password=...
+        parsed = parsed.update_query_dict({"password": "***"})
     return parsed.render_as_string(hide_password=True)
 
 

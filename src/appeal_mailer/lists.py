@@ -1,19 +1,25 @@
-"""Read a subscriber list (CSV) as a stream of validated, de-duplicated recipients."""
+"""Read address files (a subscriber list, a do-not-mail file) as streams of validated rows."""
 
 from __future__ import annotations
 
 import csv
+import itertools
 import re
 import unicodedata
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from email_validator import EmailNotValidError, validate_email
 
 from appeal_mailer.errors import ListError
 from appeal_mailer.models import Recipient, SkippedRow
+
+if TYPE_CHECKING:
+    from _csv import Reader
 
 KNOWN_COLUMNS = ("email", "name", "organization", "language", "timezone")
 _BOM = b"\xef\xbb\xbf"
@@ -43,18 +49,7 @@ def read_recipients(path: Path) -> Iterator[Recipient | SkippedRow]:
         csv.field_size_limit(_FIELD_SIZE_LIMIT)
         header = _read_header(reader, path)
         seen: dict[str, int] = {}
-        while True:
-            start = reader.line_num + 1
-            try:
-                row = next(reader)
-            except StopIteration:
-                return
-            except csv.Error as exc:
-                raise ListError(
-                    f"broken CSV: {exc}", path=path, line=start, hint=_hint(exc)
-                ) from exc
-            if not row or (len(row) == 1 and not row[0].strip()):
-                continue
+        for start, row in _rows(reader, path):
             item = _recipient(header, row, start)
             if isinstance(item, Recipient):
                 key = item.email.lower()
@@ -70,6 +65,114 @@ def read_recipients(path: Path) -> Iterator[Recipient | SkippedRow]:
                 else:
                     seen[key] = start
             yield item
+
+
+def normalize_address(text: str) -> str:
+    """`text` as the address appeal-mailer mails and records: validated, ASCII, lower-cased.
+
+    The one place an address is checked (email-validator, no DNS look-up), for
+    lists and the do-not-mail list alike. Raises ValueError saying why `text`
+    cannot be mailed.
+    """
+    # Searched before stripping: a trailing CR/LF is refused, not trimmed away.
+    bad = _CONTROL.search(text)
+    if bad:
+        raise ValueError(f"contains the control character U+{ord(bad.group()):04X}, refused")
+    address = unicodedata.normalize("NFC", text).strip()
+    if not address:
+        raise ValueError("empty address")
+    try:
+        checked = validate_email(address, check_deliverability=False, allow_smtputf8=True)
+    except EmailNotValidError as exc:
+        raise ValueError(f"invalid address {address!r}: {exc}") from exc
+    if checked.ascii_email is None:
+        raise ValueError(
+            f"{address!r} has a non-ASCII mailbox name, which needs SMTPUTF8 (RFC 6531); "
+            "appeal-mailer does not send such mail yet"
+        )
+    # Lower-cased whole: mailbox names are case-insensitive in practice, and a
+    # list rarely spells one address the same way twice.
+    return checked.ascii_email.lower()
+
+
+@dataclass(frozen=True, slots=True)
+class AddressLine:
+    """One valid address of a do-not-mail file, normalized, with its line and the file's reason."""
+
+    line: int
+    email: str
+    reason: str = ""
+
+
+def read_addresses(path: Path) -> Iterator[AddressLine | SkippedRow]:
+    """Yield each address of `path`, or a SkippedRow saying why a line is not one.
+
+    `path` is a CSV whose header names an `email` column (and maybe `reason`), or
+    else one address per line. Read as a stream; nothing is kept. A problem
+    with the file as a whole raises ListError.
+    """
+    try:
+        handle = path.open("rb")
+    except OSError as exc:
+        raise ListError(f"cannot open: {exc.strerror}", path=path) from exc
+    with handle:
+        lines = _decoded_lines(handle, path)
+        first = next(lines, None)
+        if first is None:
+            return
+        lines = itertools.chain([first], lines)
+        if not _names_email(first):
+            for number, line in enumerate(lines, start=1):
+                text = line.rstrip("\r\n")
+                if text.strip():
+                    yield _address_line(number, text, "", field=None)
+            return
+        reader = csv.reader(lines, strict=True)
+        csv.field_size_limit(_FIELD_SIZE_LIMIT)
+        header = _read_header(reader, path)
+        email = header.index("email")
+        reason = header.index("reason") if "reason" in header else None
+        for start, row in _rows(reader, path):
+            if len(row) != len(header):
+                yield SkippedRow(
+                    start, f"has {len(row)} fields, the header has {len(header)}: a broken row"
+                )
+                continue
+            note = row[reason].strip() if reason is not None else ""
+            yield _address_line(start, row[email], note, field="email")
+
+
+def _names_email(first_line: str) -> bool:
+    # A first line naming an `email` column is a CSV header; anything else is an address.
+    try:
+        cells = next(csv.reader([first_line]))
+    except (csv.Error, StopIteration):
+        return False
+    return "email" in (_column_name(cell) for cell in cells)
+
+
+def _address_line(
+    line: int, text: str, reason: str, *, field: str | None
+) -> AddressLine | SkippedRow:
+    try:
+        return AddressLine(line, normalize_address(text), reason)
+    except ValueError as exc:
+        return SkippedRow(line, str(exc), field=field, email=text.strip() or None)
+
+
+def _rows(reader: Reader, path: Path) -> Iterator[tuple[int, list[str]]]:
+    """Each non-blank row after the header, with the line it starts on."""
+    while True:
+        start = reader.line_num + 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            raise ListError(f"broken CSV: {exc}", path=path, line=start, hint=_hint(exc)) from exc
+        if not row or (len(row) == 1 and not row[0].strip()):
+            continue
+        yield start, row
 
 
 def _decoded_lines(handle: Iterable[bytes], path: Path) -> Iterator[str]:
@@ -104,7 +207,7 @@ def _read_header(reader: Iterator[list[str]], path: Path) -> list[str]:
         raise ListError("the file is empty: a header row is required", path=path) from None
     except csv.Error as exc:
         raise ListError(f"broken CSV header: {exc}", path=path, line=1, hint=_hint(exc)) from exc
-    names = [unicodedata.normalize("NFC", name).strip().lower() for name in header]
+    names = [_column_name(name) for name in header]
     if "email" not in names:
         raise ListError(
             "no 'email' column in the header row",
@@ -121,9 +224,7 @@ def _read_header(reader: Iterator[list[str]], path: Path) -> list[str]:
     return names
 
 
-def _recipient(  # noqa: PLR0911  # one early return per way a row can be refused
-    header: list[str], row: list[str], line: int
-) -> Recipient | SkippedRow:
+def _recipient(header: list[str], row: list[str], line: int) -> Recipient | SkippedRow:
     if len(row) != len(header):
         return SkippedRow(
             line, f"has {len(row)} fields, the header has {len(header)}: a broken row"
@@ -143,20 +244,10 @@ def _recipient(  # noqa: PLR0911  # one early return per way a row can be refuse
         values[name] = value.strip()
 
     address = values.pop("email")
-    if not address:
-        return SkippedRow(line, "empty address", field="email")
     try:
-        checked = validate_email(address, check_deliverability=False, allow_smtputf8=True)
-    except EmailNotValidError as exc:
-        return SkippedRow(line, f"invalid address {address!r}: {exc}", field="email")
-    if checked.ascii_email is None:
-        return SkippedRow(
-            line,
-            f"{address!r} has a non-ASCII mailbox name, which needs SMTPUTF8 (RFC 6531); "
-            "appeal-mailer does not send such mail yet",
-            field="email",
-            email=address,
-        )
+        email = normalize_address(address)
+    except ValueError as exc:
+        return SkippedRow(line, str(exc), field="email", email=address or None)
 
     timezone = values.pop("timezone", "")
     if timezone:
@@ -172,9 +263,7 @@ def _recipient(  # noqa: PLR0911  # one early return per way a row can be refuse
             line, f"{language!r} is not a language tag (use e.g. en, ru, kk)", field="language"
         )
     return Recipient(
-        # Lower-cased whole: mailbox names are case-insensitive in practice, and a
-        # list rarely spells one address the same way twice.
-        email=checked.ascii_email.lower(),
+        email=email,
         line=line,
         name=values.pop("name", ""),
         organization=values.pop("organization", ""),
@@ -182,3 +271,7 @@ def _recipient(  # noqa: PLR0911  # one early return per way a row can be refuse
         timezone=timezone,
         fields=MappingProxyType(values),
     )
+
+
+def _column_name(text: str) -> str:
+    return unicodedata.normalize("NFC", text).strip().lower()

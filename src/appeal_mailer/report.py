@@ -1,4 +1,4 @@
-"""Words for people and rows for scripts: the send plan, the run summary, the ledger status."""
+"""Words for people and rows for scripts: the send plan, the run summary, the ledger's status."""
 
 from __future__ import annotations
 
@@ -6,11 +6,12 @@ import csv
 import email
 import email.policy
 import json
+import re
 from collections.abc import Iterable
 from typing import TextIO
 
 from appeal_mailer.campaign import Preflight, RunReport
-from appeal_mailer.ledger import LedgerRow
+from appeal_mailer.ledger import LedgerRow, Suppression
 from appeal_mailer.models import State
 
 STATUS_FIELDS = (
@@ -23,9 +24,12 @@ STATUS_FIELDS = (
     "message_id",
     "updated_at",
 )
+SUPPRESSION_FIELDS = ("email", "reason", "source", "created_at")
 # OWASP "CSV injection": a cell starting with one of these is a formula in a spreadsheet.
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 _SHOWN_SKIPPED = 20
+_SHOWN_SUPPRESSED = 20
+_WHITESPACE = re.compile(r"\s+")
 
 
 def plan(
@@ -116,6 +120,11 @@ def summary(report: RunReport) -> str:
             f"{report.requeued_unknown} messages of unknown fate were sent again "
             "(--resend-unknown), with their first Message-ID"
         )
+    if report.bounced:
+        lines.append(
+            "Put on the do-not-mail list, as the server said the mailbox does not exist: "
+            f"{report.bounced} (appeal-mailer suppress list)"
+        )
     if report.released:
         lines.append(f"{report.released} claimed messages were not sent and are pending again")
     remaining = report.due - report.sent - report.suppressed
@@ -132,7 +141,12 @@ def summary(report: RunReport) -> str:
     return "\n".join(lines)
 
 
-def status_table(campaign: str, counts: dict[str, int], problems: Iterable[LedgerRow]) -> str:
+def status_table(
+    campaign: str,
+    counts: dict[str, int],
+    problems: Iterable[LedgerRow],
+    suppressed: Iterable[LedgerRow] = (),
+) -> str:
     lines = [f"Campaign {campaign}"]
     total = sum(counts.values())
     for state in State:
@@ -144,6 +158,14 @@ def status_table(campaign: str, counts: dict[str, int], problems: Iterable[Ledge
             lines.append("Needing attention:")
         reply = f"{row.smtp_code or ''} {row.smtp_reply or ''}".strip()
         lines.append(f"  {row.state:<8} {row.email} ({row.step}, {row.attempts} attempts) {reply}")
+    for shown, row in enumerate(suppressed):
+        if shown == 0:
+            lines.append("Not mailed, on the do-not-mail list (suppress list says why):")
+        if shown == _SHOWN_SUPPRESSED:
+            more = counts.get(State.SUPPRESSED.value, 0) - shown
+            lines.append(f"  ... and {more} more (status --format csv lists them all)")
+            break
+        lines.append(f"  {row.email} ({row.step})")
     return "\n".join(lines)
 
 
@@ -165,6 +187,43 @@ def write_status_csv(out: TextIO, rows: Iterable[LedgerRow]) -> None:
     writer.writerow(STATUS_FIELDS)
     for row in rows:
         writer.writerow([_cell(value) for value in _status_dict(row).values()])
+
+
+def write_suppressions_table(
+    out: TextIO, counts: dict[str, int], entries: Iterable[Suppression]
+) -> None:
+    """The do-not-mail list for reading: a count per source, then one line per address."""
+    total = sum(counts.values())
+    by_source = ", ".join(f"{n} {source}" for source, n in sorted(counts.items()))
+    out.write(
+        f"Do-not-mail list: {total} addresses ({by_source})\n"
+        if total
+        else "Do-not-mail list: empty\n"
+    )
+    for entry in entries:
+        # The date and source are fixed-width, so the lines line up without a second pass.
+        when = entry.created_at[:16].replace("T", " ")
+        reason = _WHITESPACE.sub(" ", entry.reason).strip()
+        out.write(f"  {when}  {entry.source:<6}  {entry.email}  {reason}".rstrip() + "\n")
+
+
+def write_suppressions_json(
+    out: TextIO, counts: dict[str, int], entries: Iterable[Suppression]
+) -> None:
+    """One JSON object: `counts` (source -> number) and `suppressions`, streamed."""
+    out.write('{"counts": ' + json.dumps(counts, sort_keys=True) + ', "suppressions": [')
+    for index, entry in enumerate(entries):
+        row = {name: getattr(entry, name) for name in SUPPRESSION_FIELDS}
+        out.write(("," if index else "") + "\n  " + json.dumps(row, ensure_ascii=False))
+    out.write("\n]}\n")
+
+
+def write_suppressions_csv(out: TextIO, entries: Iterable[Suppression]) -> None:
+    """The do-not-mail list as CSV, safe to open in a spreadsheet (no cell starts a formula)."""
+    writer = csv.writer(out)
+    writer.writerow(SUPPRESSION_FIELDS)
+    for entry in entries:
+        writer.writerow([_cell(getattr(entry, name)) for name in SUPPRESSION_FIELDS])
 
 
 def _status_dict(row: LedgerRow) -> dict[str, object]:
