@@ -420,7 +420,10 @@ class CampaignRun:
             await asyncio.gather(*producers, claim(), *workers)
         finally:
             await results.put(None)
-            await recorder
+            # A failed recorder has already stopped the run (recorder_ended); what
+            # follows must still run: close the sessions, give back unsent claims.
+            with contextlib.suppress(Exception):
+                await recorder
             # Closing is QUIT on each session: its failure cannot change any result.
             with contextlib.suppress(Exception):
                 await self.transport.close()

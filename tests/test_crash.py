@@ -1,0 +1,432 @@
+"""Crash tests with real processes: kill -9 a running `send`, resume, check what the server got.
+
+Each test runs `python -m appeal_mailer ... send` as a child process against the
+recording SMTP server of this process, so a SIGKILL ends the sender and nothing
+else. What the server received is then compared with the ledger as `status
+--format json` reports it (DESIGN.md, "The ledger: nothing lost, nothing sent
+twice").
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from appeal_mailer.ledger import Ledger, runs
+from appeal_mailer.models import Recipient
+from tests.conftest import ConfigWriter, ListWriter
+from tests.smtpd import RecordingServer
+
+CONNECTIONS = 4
+# Rows a run can hold `sending` at once: per connection one message in flight and
+# one claimed next (campaign.py's `free` semaphore, whose places come back only when
+# a result is durable), so at most this many are unknown after one kill.
+IN_FLIGHT = 2 * CONNECTIONS
+# No single wait below may take longer: a stuck child fails the test, never hangs it.
+DEADLINE = 60.0
+FAST_RETRIES = {"retry_backoff": 0.01, "retry_max_delay": 0.05}
+
+
+@pytest.fixture
+def children() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Every child process a test starts; any still running at the end is killed."""
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=30)
+
+
+class Mailer:
+    """Runs the CLI as child processes, one config and one list, logs in files under `folder`."""
+
+    def __init__(
+        self, config: Path, list_path: Path, folder: Path, children: list[subprocess.Popen[bytes]]
+    ) -> None:
+        self.config = config
+        self.list_path = list_path
+        self.folder = folder
+        self.children = children
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("APPEAL_MAILER_")}
+        self.ledger = folder / "ledger.db"
+        # Each process's log files, by pid: send-N.out and send-N.err.
+        self.logs: dict[int, Path] = {}
+
+    def command(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "appeal_mailer", "--config", str(self.config), *args]
+
+    def start(self) -> subprocess.Popen[bytes]:
+        """Start `send LIST --yes`, its stdout and stderr into files."""
+        name = self.folder / f"send-{len(self.logs) + 1}"
+        with (
+            name.with_suffix(".out").open("wb") as out,
+            name.with_suffix(".err").open("wb") as err,
+        ):
+            process = subprocess.Popen(
+                self.command("send", str(self.list_path), "--yes"),
+                stdout=out,
+                stderr=err,
+                cwd=self.folder,
+                env=self.env,
+            )
+        self.children.append(process)
+        self.logs[process.pid] = name
+        return process
+
+    def output(self, process: subprocess.Popen[bytes]) -> str:
+        """What a `send` printed so far, stdout then stderr."""
+        name = self.logs[process.pid]
+        return name.with_suffix(".out").read_text() + name.with_suffix(".err").read_text()
+
+    def finish(self, process: subprocess.Popen[bytes]) -> int:
+        """Wait for a `send` to end by itself; its exit status."""
+        try:
+            return process.wait(timeout=DEADLINE)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=30)
+            pytest.fail(f"send did not finish within {DEADLINE} s:\n{self.output(process)}")
+
+    def kill(self, process: subprocess.Popen[bytes], sig: signal.Signals = signal.SIGKILL) -> None:
+        """Send `sig`; for SIGKILL, also reap the child, so its pid is gone (not a zombie)."""
+        os.kill(process.pid, sig)
+        if sig == signal.SIGKILL:
+            process.wait(timeout=30)
+
+    def status(self) -> dict[str, Any]:
+        """`status --format json`, which must exit 0 and print one JSON object."""
+        result = subprocess.run(
+            self.command("status", "--format", "json"),
+            capture_output=True,
+            cwd=self.folder,
+            env=self.env,
+            timeout=DEADLINE,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr.decode()
+        parsed: dict[str, Any] = json.loads(result.stdout)
+        return parsed
+
+    def emails_in(self, state: str) -> set[str]:
+        """The addresses whose row is in `state`, read straight from the SQLite file."""
+        if not self.ledger.exists():
+            return set()
+        with _sqlite(self.ledger) as conn:
+            try:
+                found = conn.execute("SELECT email FROM deliveries WHERE state = ?", (state,))
+                return {email for (email,) in found}
+            except sqlite3.OperationalError as exc:  # killed before the schema was written
+                if "no such table" in str(exc):
+                    return set()
+                raise
+
+
+class _sqlite:  # lower case: used like a function, in a `with` statement
+    """A short-lived connection to the ledger file, closed on leaving the block."""
+
+    def __init__(self, path: Path) -> None:
+        self.conn = sqlite3.connect(path, timeout=10)
+
+    def __enter__(self) -> sqlite3.Connection:
+        return self.conn
+
+    def __exit__(self, *_: object) -> None:
+        self.conn.close()
+
+
+def _people(count: int) -> list[dict[str, str]]:
+    return [
+        {"email": f"member{i:05d}@example.org", "name": f"Member {i}", "organization": "Branch 7"}
+        for i in range(count)
+    ]
+
+
+def _wait(
+    condition: Callable[[], bool], process: subprocess.Popen[bytes], what: str, *, poll: float
+) -> bool:
+    """Wait until `condition` holds (True) or `process` ends first (False); fail after DEADLINE."""
+    deadline = time.monotonic() + DEADLINE
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        if process.poll() is not None:
+            return condition()
+        time.sleep(poll)
+    process.kill()
+    process.wait(timeout=30)
+    pytest.fail(f"waited {DEADLINE} s for {what}")
+
+
+def _messages(server: RecordingServer, at_least: int) -> Callable[[], bool]:
+    """A condition: the server has received `at_least` messages."""
+    return lambda: len(server.messages) >= at_least
+
+
+def _ledger_has(ledger: Path, query: str, *args: object) -> Callable[[], bool]:
+    """A condition: `query` counts more than 0 in the ledger file."""
+    return lambda: _count(ledger, query, *args) > 0
+
+
+def _count(ledger: Path, query: str, *args: object) -> int:
+    """One number from the ledger file; 0 while it or its tables do not exist yet."""
+    if not ledger.exists():
+        return 0
+    with _sqlite(ledger) as conn:
+        try:
+            return int(conn.execute(query, args).fetchone()[0] or 0)
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):
+                return 0
+            raise
+
+
+def _check_record(
+    server: RecordingServer, status: dict[str, Any], emails: list[str]
+) -> tuple[set[str], collections.Counter[str]]:
+    """Nothing lost, nobody twice: each `sent` row has exactly one copy, `unknown` 0 or 1.
+
+    Returns the unknown addresses and the copies the server got of each address.
+    """
+    states = {row["email"]: row["state"] for row in status["recipients"]}
+    copies = server.count_by_recipient()
+    assert sorted(states) == sorted(emails)
+    twice = {email: n for email, n in copies.items() if n > 1}
+    assert twice == {}, "recipients that got more than one copy"
+    assert set(copies) <= set(emails)
+    lost = {email: state for email, state in states.items() if state not in {"sent", "unknown"}}
+    assert lost == {}, "rows neither sent nor unknown"
+    not_received = [
+        email for email, state in states.items() if state == "sent" and not copies[email]
+    ]
+    assert not_received == [], "rows recorded sent that the server never got"
+    unknown = {email for email, state in states.items() if state == "unknown"}
+    assert status["counts"] == dict(collections.Counter(states.values()))
+    return unknown, copies
+
+
+def test_kill_9_at_random_moments_then_resume_sends_everyone_once(
+    write_config: ConfigWriter,
+    write_list: ListWriter,
+    smtp_server: RecordingServer,
+    tmp_path: Path,
+    children: list[subprocess.Popen[bytes]],
+) -> None:
+    """Killed by SIGKILL 4 times and resumed: all sent once, but for the unknown in-flight rows."""
+    people = _people(2000)
+    emails = [p["email"] for p in people]
+    config = write_config(
+        smtp={"connections": CONNECTIONS},
+        sending={"rate": 0, "attempts_per_run": 3, **FAST_RETRIES},
+    )
+    mailer = Mailer(config, write_list(people), tmp_path, children)
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    # The rows `sending` at each kill: exactly these must end up unknown.
+    in_flight_at_kill: list[set[str]] = []
+    for _ in range(4):
+        process = mailer.start()
+        target = len(smtp_server.messages) + rng.randint(1, 300)
+        reached = _wait(_messages(smtp_server, target), process, "messages", poll=0.002)
+        assert reached, f"seed {seed}: the run ended before the kill:\n{mailer.output(process)}"
+        mailer.kill(process)
+        in_flight_at_kill.append(mailer.emails_in("sending"))
+    # The next run starts at once: a run killed with SIGKILL left no finished_at and a
+    # heartbeat younger than STALE_AFTER, and must still be seen dead (its pid is gone).
+    last = mailer.start()
+    code = mailer.finish(last)
+    unknown, copies = _check_record(smtp_server, mailer.status(), emails)
+    assert code == (3 if unknown else 0), mailer.output(last)  # 3: some rows are unknown
+    sizes = [len(rows) for rows in in_flight_at_kill]
+    print(
+        f"seed {seed}: sending at each kill {sizes}; unknown {len(unknown)}, of which "
+        f"{sum(copies[e] for e in unknown)} arrived"
+    )
+    assert all(size <= IN_FLIGHT for size in sizes), f"seed {seed}: {sizes} > {IN_FLIGHT}"
+    # Exactly the rows in flight at a kill are unknown; no other row is.
+    assert unknown == set().union(*in_flight_at_kill), f"seed {seed}"
+    assert len(unknown) <= IN_FLIGHT * len(in_flight_at_kill)
+    if in_flight_at_kill[-1]:
+        assert f"{len(in_flight_at_kill[-1])} messages were being sent" in mailer.output(last)
+
+
+def test_kill_9_while_the_ledger_is_written_leaves_a_ledger_that_opens(
+    write_config: ConfigWriter,
+    write_list: ListWriter,
+    smtp_server: RecordingServer,
+    tmp_path: Path,
+    children: list[subprocess.Popen[bytes]],
+) -> None:
+    """Killed creating, loading, claiming: `status` opens it each time; then all are sent once."""
+    people = _people(1000)
+    emails = [p["email"] for p in people]
+    # "crash" durability (synchronous=NORMAL in WAL mode) must also survive a killed process.
+    config = write_config(
+        smtp={"connections": CONNECTIONS},
+        sending={"rate": 0, **FAST_RETRIES},
+        ledger={"durability": "crash"},
+    )
+    mailer = Mailer(config, write_list(people), tmp_path, children)
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    loaded = "SELECT count(*) FROM recipients WHERE seen_run > ?"
+    claimed = "SELECT count(*) FROM deliveries WHERE state = 'sending' AND claimed_by > ?"
+    in_flight_at_kill: list[set[str]] = []
+    mid_load = 0
+    for phase in ("start", "load", "claims", "load", "start", "load"):
+        before = _count(mailer.ledger, "SELECT max(id) FROM runs")
+        process = mailer.start()
+        if phase == "start":
+            # Python starting, the config, the ledger's schema being created, the list rendered.
+            time.sleep(rng.uniform(0.2, 1.5))
+        elif phase == "load":
+            # The list goes into the ledger in batches, one commit each: kill after the first.
+            _wait(_ledger_has(mailer.ledger, loaded, before), process, "load", poll=0.001)
+        else:
+            _wait(_ledger_has(mailer.ledger, claimed, before), process, "claim", poll=0.001)
+        assert process.poll() is None, f"seed {seed}: ended before the kill in {phase}"
+        mailer.kill(process)
+        mid_load += 0 < _count(mailer.ledger, loaded, before) < len(people)
+        in_flight_at_kill.append(mailer.emails_in("sending"))
+        if mailer.ledger.exists():
+            with _sqlite(mailer.ledger) as conn:
+                assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        # No delivery row without its recipient: the two are written in one transaction.
+        orphans = _count(
+            mailer.ledger,
+            "SELECT count(*) FROM deliveries d LEFT JOIN recipients r"
+            " ON r.campaign = d.campaign AND r.email = d.email WHERE r.email IS NULL",
+        )
+        assert orphans == 0, f"seed {seed}"
+        status = mailer.status()
+        assert sum(status["counts"].values()) == len(status["recipients"])
+    # Each "load" kill came after a batch's commit; at least one fell before the last.
+    assert mid_load >= 1, f"seed {seed}: no kill fell in the middle of loading the list"
+    last = mailer.start()
+    code = mailer.finish(last)
+    unknown, copies = _check_record(smtp_server, mailer.status(), emails)
+    assert code == (3 if unknown else 0), mailer.output(last)
+    sizes = [len(rows) for rows in in_flight_at_kill]
+    print(
+        f"seed {seed}: {mid_load} kills mid-load; sending at each kill {sizes}; unknown "
+        f"{len(unknown)}, of which {sum(copies[e] for e in unknown)} arrived"
+    )
+    assert all(size <= IN_FLIGHT for size in sizes), f"seed {seed}: {sizes} > {IN_FLIGHT}"
+    assert unknown == set().union(*in_flight_at_kill), f"seed {seed}"
+
+
+def test_two_overlapping_sends_never_send_a_recipient_twice(
+    write_config: ConfigWriter,
+    write_list: ListWriter,
+    smtp_server: RecordingServer,
+    tmp_path: Path,
+    children: list[subprocess.Popen[bytes]],
+) -> None:
+    """Two `send`s of one campaign and list at once: nobody twice, all sent, none unknown."""
+    people = _people(600)
+    emails = [p["email"] for p in people]
+    # 100 messages/s each: alone, a run takes about 6 s, so the two overlap for seconds.
+    config = write_config(smtp={"connections": CONNECTIONS}, sending={"rate": 100, **FAST_RETRIES})
+    mailer = Mailer(config, write_list(people), tmp_path, children)
+    first = mailer.start()
+    # The second starts as the first begins to send (about a second later), so that
+    # both are sending at once. Two started in the same instant mostly race on
+    # loading the list instead: the later load takes the list over (`seen_run`), and
+    # the earlier run then finds nothing due.
+    assert _wait(_messages(smtp_server, 1), first, "a first message", poll=0.002)
+    second = mailer.start()
+    codes = [mailer.finish(first), mailer.finish(second)]
+    assert codes == [0, 0], mailer.output(first) + mailer.output(second)
+    twice = {email: n for email, n in smtp_server.count_by_recipient().items() if n > 1}
+    assert twice == {}
+    with _sqlite(mailer.ledger) as conn:
+        runs = conn.execute(
+            "SELECT started_at, finished_at, summary FROM runs ORDER BY id"
+        ).fetchall()
+    (_, first_end, first_summary), (second_start, _, second_summary) = runs
+    assert second_start < first_end, "the two runs did not overlap"
+    sent_by = [json.loads(first_summary)["sent"], json.loads(second_summary)["sent"]]
+    assert all(sent_by), f"one of the runs sent nothing: {sent_by}"
+    # What both left (a run counts rows the other took against its share) is pending,
+    # and one more run sends it; nothing was in flight at a crash, so nothing is unknown.
+    if mailer.status()["counts"].get("pending"):
+        assert mailer.finish(mailer.start()) == 0
+    unknown, copies = _check_record(smtp_server, mailer.status(), emails)
+    print(f"sent by the overlapping runs {sent_by}, by a third {len(emails) - sum(sent_by)}")
+    assert unknown == set()
+    assert copies == dict.fromkeys(emails, 1)
+
+
+def test_sigterm_stops_cleanly_and_the_next_run_sends_the_rest_once(
+    write_config: ConfigWriter,
+    write_list: ListWriter,
+    smtp_server: RecordingServer,
+    tmp_path: Path,
+    children: list[subprocess.Popen[bytes]],
+) -> None:
+    """SIGTERM: exit 3, the summary says it stopped, nothing left `sending`; the rest sent once."""
+    people = _people(600)
+    emails = [p["email"] for p in people]
+    config = write_config(smtp={"connections": CONNECTIONS}, sending={"rate": 150, **FAST_RETRIES})
+    mailer = Mailer(config, write_list(people), tmp_path, children)
+    process = mailer.start()
+    assert _wait(_messages(smtp_server, 100), process, "100 messages", poll=0.005)
+    mailer.kill(process, signal.SIGTERM)
+    assert mailer.finish(process) == 3, mailer.output(process)
+    output = mailer.output(process)
+    assert "Stopped early" in output
+    assert "SIGTERM" in output
+    counts = mailer.status()["counts"]
+    assert "sending" not in counts
+    assert "unknown" not in counts
+    # Every message in flight finished and was recorded: the ledger matches the server.
+    assert counts["sent"] == len(smtp_server.messages)
+    assert counts["pending"] == len(emails) - counts["sent"] > 0
+    rest = mailer.start()
+    assert mailer.finish(rest) == 0, mailer.output(rest)
+    unknown, copies = _check_record(smtp_server, mailer.status(), emails)
+    assert unknown == set()
+    assert copies == dict.fromkeys(emails, 1)
+
+
+def test_a_run_whose_process_is_gone_is_dead_at_once_but_only_on_its_own_host(
+    tmp_path: Path,
+) -> None:
+    """A dead pid on this host frees its run's rows at once; another host's run keeps them."""
+    ledger = Ledger.open(f"sqlite:///{tmp_path / 'ledger.db'}")
+    people = [Recipient(email=f"p{i}@example.org", line=i + 2) for i in range(4)]
+    here, there = ledger.start_run("c", "appeal", "send"), ledger.start_run("c", "appeal", "send")
+    ledger.load("c", "appeal", there, [(p, f"<{i}@x>") for i, p in enumerate(people)])
+    assert ledger.claim([1, 2], here) == ([1, 2], [])
+    assert ledger.claim([3, 4], there) == ([3, 4], [])
+    # Both runs live in this process: alive, whatever their heartbeat.
+    assert ledger.recover_interrupted("c", "appeal") == 0
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait(timeout=DEADLINE)  # reaped: its pid names no process now
+    with ledger._write() as conn:
+        conn.execute(runs.update().where(runs.c.id == here).values(pid=gone.pid))
+        # The same pid on another machine says nothing about that machine's process.
+        conn.execute(
+            runs.update().where(runs.c.id == there).values(pid=gone.pid, host="elsewhere")
+        )
+    assert ledger.recover_interrupted("c", "appeal") == 2
+    states = {row.email: row.state for row in ledger.rows("c")}
+    ledger.close()
+    assert states == {
+        "p0@example.org": "unknown",
+        "p1@example.org": "unknown",
+        "p2@example.org": "sending",
+        "p3@example.org": "sending",
+    }
