@@ -441,3 +441,21 @@ def test_dry_run_of_a_finished_campaign_writes_an_empty_preview_and_exits_0(
     assert result.exit_code == 0, result.output
     assert list(out.glob("*.eml")) == []
     assert "0 written" in (out / "summary.txt").read_text(encoding="utf-8")
+
+
+def test_status_shows_the_run_log_newest_first(
+    run_cli: CliRun,
+    write_list: ListWriter,
+    subscribers: list[dict[str, str]],
+    smtp_server: RecordingServer,
+) -> None:
+    """The status table ends with the latest runs: command, step and what each did."""
+    path = write_list(subscribers)
+    assert run_cli("send", str(path), "--yes", "--limit", "4").exit_code == 0
+    assert run_cli("send", str(path), "--yes").exit_code == 0
+    table = run_cli("status").output
+    log = table.split("Latest runs:", 1)[1].strip().splitlines()
+    assert len(log) == 2
+    assert log[0].startswith("#2 ")
+    assert "send appeal: 6 sent" in log[0]
+    assert "send appeal: 4 sent" in log[1]

@@ -300,6 +300,7 @@ def status(obj: _Context, campaign: str | None, fmt: str) -> None:
             problems = ledger.rows(name, states=("failed", "deferred", "unknown"))
             suppressed = ledger.rows(name, states=("suppressed",))
             click.echo(report.status_table(name, counts, problems, suppressed))
+            click.echo(report.run_log(ledger.recent_runs(name)))
     finally:
         ledger.close()
 

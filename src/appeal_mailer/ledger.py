@@ -143,6 +143,18 @@ class DueRow:
 
 
 @dataclass(frozen=True, slots=True)
+class RunRow:
+    """One run of the run log: what command, when, and what it did."""
+
+    run_id: int
+    step: str
+    command: str
+    started_at: str
+    finished_at: str | None
+    summary: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
 class LedgerRow:
     """One row as `status` reports it."""
 
@@ -684,6 +696,34 @@ class Ledger:
             if len(page) < _BATCH:
                 return
             last = page[-1].id
+
+    def recent_runs(self, campaign: str, limit: int = 10) -> list[RunRow]:
+        """The campaign's latest runs, newest first: the run log."""
+        query = (
+            sa.select(
+                runs.c.id,
+                runs.c.step,
+                runs.c.command,
+                runs.c.started_at,
+                runs.c.finished_at,
+                runs.c.summary,
+            )
+            .where(runs.c.campaign == campaign)
+            .order_by(runs.c.id.desc())
+            .limit(limit)
+        )
+        with self._read() as conn:
+            return [
+                RunRow(
+                    run_id=row.id,
+                    step=row.step,
+                    command=row.command,
+                    started_at=row.started_at,
+                    finished_at=row.finished_at,
+                    summary=json.loads(row.summary) if row.summary else {},
+                )
+                for row in conn.execute(query)
+            ]
 
     def campaigns(self) -> list[str]:
         with self._read() as conn:

@@ -7,11 +7,11 @@ import email
 import email.policy
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TextIO
 
 from appeal_mailer.campaign import Preflight, RunReport
-from appeal_mailer.ledger import LedgerRow, Suppression
+from appeal_mailer.ledger import LedgerRow, RunRow, Suppression
 from appeal_mailer.models import State
 
 STATUS_FIELDS = (
@@ -166,6 +166,30 @@ def status_table(
             lines.append(f"  ... and {more} more (status --format csv lists them all)")
             break
         lines.append(f"  {row.email} ({row.step})")
+    return "\n".join(lines)
+
+
+def run_log(runs: Sequence[RunRow]) -> str:
+    """The latest runs, newest first: when, which command, and what each did."""
+    if not runs:
+        return "No runs yet."
+    lines = ["Latest runs:"]
+    for run in runs:
+        s = run.summary
+        if run.finished_at is None:
+            did = "did not finish (running, or killed)"
+        else:
+            did = (
+                ", ".join(
+                    f"{s.get(key, 0)} {key}"
+                    for key in ("sent", "failed", "deferred", "unknown", "suppressed")
+                    if s.get(key)
+                )
+                or "nothing to send"
+            )
+            if s.get("stopped"):
+                did += f"; stopped: {s['stopped']}"
+        lines.append(f"  #{run.run_id} {run.started_at[:19]}Z {run.command} {run.step}: {did}")
     return "\n".join(lines)
 
 
