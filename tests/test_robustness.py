@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 import zipfile
@@ -251,3 +252,29 @@ def test_durability_setting_chooses_how_sqlite_flushes(
         assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == expected
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
     ledger.close()
+
+
+def test_a_deferred_row_is_not_retried_before_it_is_due(
+    run_cli: CliRun,
+    write_config: ConfigWriter,
+    write_list: ListWriter,
+    smtp_server: RecordingServer,
+) -> None:
+    """A deferred row waits for its next attempt time: a `send` before then leaves it alone."""
+    busy = "busy@example.org"
+    smtp_server.fail(busy, "rcpt", "451 4.3.0 Mailbox busy")
+    path = write_list([{"email": busy}, {"email": "ok@example.org"}])
+    # One attempt per run, so the first run's backoff is never slept.
+    config = write_config(
+        sending={"retry_backoff": 600.0, "retry_max_delay": 3600.0, "attempts_per_run": 1}
+    )
+    first = run_cli("send", str(path), "--yes", config=config)
+    assert first.exit_code == 3, first.output
+    assert smtp_server.rcpt_attempts[busy] == 1
+    second = run_cli("send", str(path), "--yes", config=config)
+    assert second.exit_code == 3, second.output
+    assert smtp_server.rcpt_attempts[busy] == 1
+    status = json.loads(run_cli("status", "--format", "json", config=config).output)
+    [row] = [r for r in status["recipients"] if r["email"] == busy]
+    assert row["state"] == "deferred"
+    assert row["attempts"] == 1
