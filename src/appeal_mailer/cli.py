@@ -77,6 +77,16 @@ def main(ctx: click.Context, config: Path | None, verbose: int, quiet: bool) -> 
     ctx.obj = _Context(config, verbosity)
 
 
+# `status` and `suppress list`: for people, for scripts, for spreadsheets.
+_format_option = click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "json", "csv"]),
+    default="table",
+    show_default=True,
+)
+
+
 def _reported(fn: F) -> F:
     """Run a command, turning our errors into a message, a hint and exit status 1."""
 
@@ -273,13 +283,7 @@ def check(obj: _Context, list_path: Path | None, campaign: str | None, no_smtp: 
 
 @main.command()
 @click.option("--campaign", callback=_name, help="Campaign ID [default: from config].")
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["table", "json", "csv"]),
-    default="table",
-    show_default=True,
-)
+@_format_option
 @click.pass_obj
 @_reported
 def status(obj: _Context, campaign: str | None, fmt: str) -> None:
@@ -418,13 +422,7 @@ def suppress_import(obj: _Context, path: Path, reason: str | None) -> None:
 
 
 @suppress.command("list")
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["table", "json", "csv"]),
-    default="table",
-    show_default=True,
-)
+@_format_option
 @click.pass_obj
 @_reported
 def suppress_list(obj: _Context, fmt: str) -> None:
