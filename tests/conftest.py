@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import os
 import shutil
 import ssl
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ import trustme
 from click.testing import CliRunner, Result
 
 from appeal_mailer.cli import main
+from tests.pg import POSTGRES_URL, engine
 from tests.smtpd import RecordingServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -181,3 +184,46 @@ def run_cli(config_file: Path) -> CliRun:
         )
 
     return run
+
+
+# -- the ledger's engines: SQLite and PostgreSQL -------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> str:
+    """The PostgreSQL server's URL; skips when there is none, except in CI, where it fails."""
+    import psycopg  # noqa: PLC0415  # only where PostgreSQL is wanted
+
+    try:
+        psycopg.connect(POSTGRES_URL, connect_timeout=3).close()
+    except psycopg.Error as exc:
+        said = " ".join(str(exc).split())
+        reason = f"no PostgreSQL at {POSTGRES_URL} ({said}); set TEST_POSTGRES_URL"
+        if os.environ.get("CI", "").lower() in {"true", "1"}:
+            pytest.fail(f"CI must run the ledger tests on PostgreSQL: {reason}")
+        pytest.skip(reason)
+    return POSTGRES_URL
+
+
+@pytest.fixture
+def postgres_url(postgres_server: str) -> Iterator[str]:
+    """A URL whose search_path is a fresh schema of this test's own, dropped afterwards."""
+    schema = f"t_{uuid.uuid4().hex[:16]}"
+    admin = engine(postgres_server).execution_options(isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
+    try:
+        yield f"{postgres_server}?options=-csearch_path%3D{schema}"
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The ledger on each engine in turn: a file in tmp_path, or a schema of this test's own."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'ledger.db'}"
+    url: str = request.getfixturevalue("postgres_url")
+    return url

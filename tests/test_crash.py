@@ -5,6 +5,11 @@ recording SMTP server of this process, so a SIGKILL ends the sender and nothing
 else. What the server received is then compared with the ledger as `status
 --format json` reports it (DESIGN.md, "The ledger: nothing lost, nothing sent
 twice").
+
+Every test here runs on both ledger engines (`ledger_url`, tests/conftest.py):
+an SQLite file, and a PostgreSQL schema of the test's own that the children get
+as `[ledger] url` in their config. The test reads the ledger behind the CLI's
+back on the same engine (`LedgerView`).
 """
 
 from __future__ import annotations
@@ -14,18 +19,21 @@ import json
 import os
 import random
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
+from sqlalchemy.pool import NullPool
 
 from appeal_mailer.ledger import Ledger, runs
 from appeal_mailer.models import Recipient
+from tests import pg
 from tests.conftest import ConfigWriter, ListWriter
 from tests.smtpd import RecordingServer
 
@@ -50,18 +58,110 @@ def children() -> Iterator[list[subprocess.Popen[bytes]]]:
         process.wait(timeout=30)
 
 
+class LedgerView:
+    """The ledger the children write, read by the test on the same engine.
+
+    SQLite: short-lived connections to the file, which is never created here (a
+    count is 0 until a child has made it). PostgreSQL: the test's schema, through
+    the URL the children get, but with an `application_name` of the children's own,
+    so that the test can tell when the server is done with a killed child.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.file: Path | None = None
+        self.application_name: str | None = None
+        if url.startswith("sqlite:///"):
+            self.file = Path(url.removeprefix("sqlite:///"))
+            self.engine = sa.create_engine(url, poolclass=NullPool, connect_args={"timeout": 10})
+            self.children_url = url
+        else:
+            self.engine = pg.engine(url)
+            self.application_name = f"appeal-mailer-crash-{uuid.uuid4().hex[:12]}"
+            self.children_url = f"{url}&application_name={self.application_name}"
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.file is not None
+
+    def config(self, **section: Any) -> dict[str, Any]:
+        """The config's [ledger] section: the default file, or the PostgreSQL url."""
+        return section if self.is_sqlite else {**section, "url": self.children_url}
+
+    def rows(self, query: str, **params: Any) -> list[sa.Row[Any]]:
+        """What `query` returns; nothing while the ledger or its tables do not exist yet."""
+        if self.file is not None and not self.file.exists():
+            return []
+        try:
+            with self.engine.connect() as conn:
+                return list(conn.execute(sa.text(query), params))
+        except sa.exc.DBAPIError as exc:  # killed before the schema was written
+            no_table = "no such table" in str(exc.orig)  # SQLite
+            if no_table or getattr(exc.orig, "sqlstate", None) == "42P01":  # undefined_table
+                return []
+            raise
+
+    def count(self, query: str, **params: Any) -> int:
+        """One number from the ledger; 0 while it or its tables do not exist yet."""
+        found = self.rows(query, **params)
+        return int(found[0][0] or 0) if found else 0
+
+    def emails_in(self, state: str) -> set[str]:
+        """The addresses whose row is in `state`."""
+        found = self.rows("SELECT email FROM deliveries WHERE state = :state", state=state)
+        return {email for (email,) in found}
+
+    def counts(self) -> dict[str, int]:
+        """How many rows are in each state, as `status` counts them."""
+        found = self.rows("SELECT state, count(*) FROM deliveries GROUP BY state")
+        return {state: int(n) for state, n in found}
+
+    def settle(self) -> None:
+        """After a SIGKILL: wait until the ledger holds all it ever will of the killed child.
+
+        SQLite: at once, the child wrote the file itself. PostgreSQL: the server may
+        still hold the child's session, with a COMMIT in its socket not yet carried
+        out, or an open transaction and its row locks; it ends the session when it
+        reads the end of the connection. Until then the test could read a state the
+        child's last commit then changes.
+        """
+        if self.is_sqlite:
+            return
+        deadline = time.monotonic() + DEADLINE
+        sessions = "SELECT count(*) FROM pg_stat_activity WHERE application_name = :name"
+        while self.count(sessions, name=self.application_name):
+            assert time.monotonic() < deadline, "the server kept a killed child's session"
+            time.sleep(0.005)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+@pytest.fixture
+def ledger_view(ledger_url: str) -> Iterator[LedgerView]:
+    """The ledger of this test, on each engine in turn."""
+    view = LedgerView(ledger_url)
+    yield view
+    view.close()
+
+
 class Mailer:
     """Runs the CLI as child processes, one config and one list, logs in files under `folder`."""
 
     def __init__(
-        self, config: Path, list_path: Path, folder: Path, children: list[subprocess.Popen[bytes]]
+        self,
+        config: Path,
+        list_path: Path,
+        folder: Path,
+        children: list[subprocess.Popen[bytes]],
+        ledger: LedgerView,
     ) -> None:
         self.config = config
         self.list_path = list_path
         self.folder = folder
         self.children = children
+        # No APPEAL_MAILER_* variable: the ledger, SQLite or PostgreSQL, is in `config`.
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("APPEAL_MAILER_")}
-        self.ledger = folder / "ledger.db"
+        self.ledger = ledger
         # Each process's log files, by pid: send-N.out and send-N.err.
         self.logs: dict[int, Path] = {}
 
@@ -101,13 +201,23 @@ class Mailer:
             pytest.fail(f"send did not finish within {DEADLINE} s:\n{self.output(process)}")
 
     def kill(self, process: subprocess.Popen[bytes], sig: signal.Signals = signal.SIGKILL) -> None:
-        """Send `sig`; for SIGKILL, also reap the child, so its pid is gone (not a zombie)."""
+        """Send `sig`; for SIGKILL, also reap the child and let the ledger settle.
+
+        Reaped, its pid is gone (not a zombie); settled (LedgerView.settle), the
+        ledger holds all the child wrote before it died, and nothing more comes.
+        """
         os.kill(process.pid, sig)
         if sig == signal.SIGKILL:
             process.wait(timeout=30)
+            self.ledger.settle()
 
     def status(self) -> dict[str, Any]:
-        """`status --format json`, which must exit 0 and print one JSON object."""
+        """`status --format json`, which must exit 0 and print one JSON object.
+
+        Its counts must be those the test reads from the ledger itself: the CLI and
+        the test look at the same ledger, on the same engine (and on PostgreSQL, no
+        SQLite file was made in its stead).
+        """
         result = subprocess.run(
             self.command("status", "--format", "json"),
             capture_output=True,
@@ -118,33 +228,10 @@ class Mailer:
         )
         assert result.returncode == 0, result.stderr.decode()
         parsed: dict[str, Any] = json.loads(result.stdout)
+        assert parsed["counts"] == self.ledger.counts()
+        if not self.ledger.is_sqlite:
+            assert list(self.folder.glob("*.db")) == []
         return parsed
-
-    def emails_in(self, state: str) -> set[str]:
-        """The addresses whose row is in `state`, read straight from the SQLite file."""
-        if not self.ledger.exists():
-            return set()
-        with _sqlite(self.ledger) as conn:
-            try:
-                found = conn.execute("SELECT email FROM deliveries WHERE state = ?", (state,))
-                return {email for (email,) in found}
-            except sqlite3.OperationalError as exc:  # killed before the schema was written
-                if "no such table" in str(exc):
-                    return set()
-                raise
-
-
-class _sqlite:  # lower case: used like a function, in a `with` statement
-    """A short-lived connection to the ledger file, closed on leaving the block."""
-
-    def __init__(self, path: Path) -> None:
-        self.conn = sqlite3.connect(path, timeout=10)
-
-    def __enter__(self) -> sqlite3.Connection:
-        return self.conn
-
-    def __exit__(self, *_: object) -> None:
-        self.conn.close()
 
 
 def _people(count: int) -> list[dict[str, str]]:
@@ -175,22 +262,9 @@ def _messages(server: RecordingServer, at_least: int) -> Callable[[], bool]:
     return lambda: len(server.messages) >= at_least
 
 
-def _ledger_has(ledger: Path, query: str, *args: object) -> Callable[[], bool]:
-    """A condition: `query` counts more than 0 in the ledger file."""
-    return lambda: _count(ledger, query, *args) > 0
-
-
-def _count(ledger: Path, query: str, *args: object) -> int:
-    """One number from the ledger file; 0 while it or its tables do not exist yet."""
-    if not ledger.exists():
-        return 0
-    with _sqlite(ledger) as conn:
-        try:
-            return int(conn.execute(query, args).fetchone()[0] or 0)
-        except sqlite3.OperationalError as exc:
-            if "no such table" in str(exc):
-                return 0
-            raise
+def _ledger_has(ledger: LedgerView, query: str, **params: object) -> Callable[[], bool]:
+    """A condition: `query` counts more than 0 in the ledger."""
+    return lambda: ledger.count(query, **params) > 0
 
 
 def _check_record(
@@ -217,21 +291,27 @@ def _check_record(
     return unknown, copies
 
 
-def test_kill_9_at_random_moments_then_resume_sends_everyone_once(
+def test_kill_9_at_random_moments_then_resume_sends_everyone_once(  # noqa: PLR0917  # pytest fixtures
     write_config: ConfigWriter,
     write_list: ListWriter,
     smtp_server: RecordingServer,
     tmp_path: Path,
     children: list[subprocess.Popen[bytes]],
+    ledger_view: LedgerView,
 ) -> None:
-    """Killed by SIGKILL 4 times and resumed: all sent once, but for the unknown in-flight rows."""
+    """Killed by SIGKILL 4 times and resumed: all sent once, but for the unknown in-flight rows.
+
+    On either engine: the rows `sending` in the ledger at each kill, and only those,
+    end up unknown, at most IN_FLIGHT of them per kill; every other row is sent, once.
+    """
     people = _people(2000)
     emails = [p["email"] for p in people]
     config = write_config(
         smtp={"connections": CONNECTIONS},
         sending={"rate": 0, "attempts_per_run": 3, **FAST_RETRIES},
+        ledger=ledger_view.config(),
     )
-    mailer = Mailer(config, write_list(people), tmp_path, children)
+    mailer = Mailer(config, write_list(people), tmp_path, children, ledger_view)
     seed = random.randrange(2**32)
     rng = random.Random(seed)
     # The rows `sending` at each kill: exactly these must end up unknown.
@@ -242,7 +322,7 @@ def test_kill_9_at_random_moments_then_resume_sends_everyone_once(
         reached = _wait(_messages(smtp_server, target), process, "messages", poll=0.002)
         assert reached, f"seed {seed}: the run ended before the kill:\n{mailer.output(process)}"
         mailer.kill(process)
-        in_flight_at_kill.append(mailer.emails_in("sending"))
+        in_flight_at_kill.append(ledger_view.emails_in("sending"))
     # The next run starts at once: a run killed with SIGKILL left no finished_at and a
     # heartbeat younger than STALE_AFTER, and must still be seen dead (its pid is gone).
     last = mailer.start()
@@ -262,52 +342,60 @@ def test_kill_9_at_random_moments_then_resume_sends_everyone_once(
         assert f"{len(in_flight_at_kill[-1])} messages were being sent" in mailer.output(last)
 
 
-def test_kill_9_while_the_ledger_is_written_leaves_a_ledger_that_opens(
+def test_kill_9_while_the_ledger_is_written_leaves_a_ledger_that_opens(  # noqa: PLR0917  # pytest fixtures
     write_config: ConfigWriter,
     write_list: ListWriter,
     smtp_server: RecordingServer,
     tmp_path: Path,
     children: list[subprocess.Popen[bytes]],
+    ledger_view: LedgerView,
 ) -> None:
-    """Killed creating, loading, claiming: `status` opens it each time; then all are sent once."""
+    """Killed creating, loading, claiming: `status` opens it each time; then all are sent once.
+
+    After each kill the ledger opens, its counts add up and no delivery row is
+    without its recipient; SQLite's file also passes `PRAGMA integrity_check`. On
+    PostgreSQL the server rolls back the killed client's open transaction, and
+    this proves each of the CLI's transactions (the schema, each batch of the
+    list, each claim) is all or nothing, and that none leaves a state or a lock
+    that keeps the next run from opening the ledger and sending the rest once.
+    """
     people = _people(1000)
     emails = [p["email"] for p in people]
     # "crash" durability (synchronous=NORMAL in WAL mode) must also survive a killed process.
+    # (SQLite's setting; on PostgreSQL the server's own commit settings apply.)
     config = write_config(
         smtp={"connections": CONNECTIONS},
         sending={"rate": 0, **FAST_RETRIES},
-        ledger={"durability": "crash"},
+        ledger=ledger_view.config(durability="crash"),
     )
-    mailer = Mailer(config, write_list(people), tmp_path, children)
+    mailer = Mailer(config, write_list(people), tmp_path, children, ledger_view)
     seed = random.randrange(2**32)
     rng = random.Random(seed)
-    loaded = "SELECT count(*) FROM recipients WHERE seen_run > ?"
-    claimed = "SELECT count(*) FROM deliveries WHERE state = 'sending' AND claimed_by > ?"
+    loaded = "SELECT count(*) FROM recipients WHERE seen_run > :run"
+    claimed = "SELECT count(*) FROM deliveries WHERE state = 'sending' AND claimed_by > :run"
     in_flight_at_kill: list[set[str]] = []
     mid_load = 0
     for phase in ("start", "load", "claims", "load", "start", "load"):
-        before = _count(mailer.ledger, "SELECT max(id) FROM runs")
+        before = ledger_view.count("SELECT max(id) FROM runs")
         process = mailer.start()
         if phase == "start":
             # Python starting, the config, the ledger's schema being created, the list rendered.
             time.sleep(rng.uniform(0.2, 1.5))
         elif phase == "load":
             # The list goes into the ledger in batches, one commit each: kill after the first.
-            _wait(_ledger_has(mailer.ledger, loaded, before), process, "load", poll=0.001)
+            _wait(_ledger_has(ledger_view, loaded, run=before), process, "load", poll=0.001)
         else:
-            _wait(_ledger_has(mailer.ledger, claimed, before), process, "claim", poll=0.001)
+            _wait(_ledger_has(ledger_view, claimed, run=before), process, "claim", poll=0.001)
         assert process.poll() is None, f"seed {seed}: ended before the kill in {phase}"
         mailer.kill(process)
-        mid_load += 0 < _count(mailer.ledger, loaded, before) < len(people)
-        in_flight_at_kill.append(mailer.emails_in("sending"))
-        if mailer.ledger.exists():
-            with _sqlite(mailer.ledger) as conn:
-                assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        mid_load += 0 < ledger_view.count(loaded, run=before) < len(people)
+        in_flight_at_kill.append(ledger_view.emails_in("sending"))
+        if ledger_view.file is not None and ledger_view.file.exists():
+            assert ledger_view.rows("PRAGMA integrity_check") == [("ok",)], f"seed {seed}"
         # No delivery row without its recipient: the two are written in one transaction.
-        orphans = _count(
-            mailer.ledger,
+        orphans = ledger_view.count(
             "SELECT count(*) FROM deliveries d LEFT JOIN recipients r"
-            " ON r.campaign = d.campaign AND r.email = d.email WHERE r.email IS NULL",
+            " ON r.campaign = d.campaign AND r.email = d.email WHERE r.email IS NULL"
         )
         assert orphans == 0, f"seed {seed}"
         status = mailer.status()
@@ -327,19 +415,27 @@ def test_kill_9_while_the_ledger_is_written_leaves_a_ledger_that_opens(
     assert unknown == set().union(*in_flight_at_kill), f"seed {seed}"
 
 
-def test_two_overlapping_sends_never_send_a_recipient_twice(
+def test_two_overlapping_sends_never_send_a_recipient_twice(  # noqa: PLR0917  # pytest fixtures
     write_config: ConfigWriter,
     write_list: ListWriter,
     smtp_server: RecordingServer,
     tmp_path: Path,
     children: list[subprocess.Popen[bytes]],
+    ledger_view: LedgerView,
 ) -> None:
-    """Two `send`s of one campaign and list at once: nobody twice, all sent, none unknown."""
+    """Two `send`s of one campaign and list at once: nobody twice, all sent, none unknown.
+
+    On either engine: two processes claiming from one ledger never both take a row.
+    """
     people = _people(600)
     emails = [p["email"] for p in people]
     # 100 messages/s each: alone, a run takes about 6 s, so the two overlap for seconds.
-    config = write_config(smtp={"connections": CONNECTIONS}, sending={"rate": 100, **FAST_RETRIES})
-    mailer = Mailer(config, write_list(people), tmp_path, children)
+    config = write_config(
+        smtp={"connections": CONNECTIONS},
+        sending={"rate": 100, **FAST_RETRIES},
+        ledger=ledger_view.config(),
+    )
+    mailer = Mailer(config, write_list(people), tmp_path, children, ledger_view)
     first = mailer.start()
     # The second starts as the first begins to send (about a second later), so that
     # both are sending at once. Two started in the same instant mostly race on
@@ -351,10 +447,7 @@ def test_two_overlapping_sends_never_send_a_recipient_twice(
     assert codes == [0, 0], mailer.output(first) + mailer.output(second)
     twice = {email: n for email, n in smtp_server.count_by_recipient().items() if n > 1}
     assert twice == {}
-    with _sqlite(mailer.ledger) as conn:
-        runs = conn.execute(
-            "SELECT started_at, finished_at, summary FROM runs ORDER BY id"
-        ).fetchall()
+    runs = ledger_view.rows("SELECT started_at, finished_at, summary FROM runs ORDER BY id")
     (_, first_end, first_summary), (second_start, _, second_summary) = runs
     assert second_start < first_end, "the two runs did not overlap"
     sent_by = [json.loads(first_summary)["sent"], json.loads(second_summary)["sent"]]
@@ -369,18 +462,26 @@ def test_two_overlapping_sends_never_send_a_recipient_twice(
     assert copies == dict.fromkeys(emails, 1)
 
 
-def test_sigterm_stops_cleanly_and_the_next_run_sends_the_rest_once(
+def test_sigterm_stops_cleanly_and_the_next_run_sends_the_rest_once(  # noqa: PLR0917  # pytest fixtures
     write_config: ConfigWriter,
     write_list: ListWriter,
     smtp_server: RecordingServer,
     tmp_path: Path,
     children: list[subprocess.Popen[bytes]],
+    ledger_view: LedgerView,
 ) -> None:
-    """SIGTERM: exit 3, the summary says it stopped, nothing left `sending`; the rest sent once."""
+    """SIGTERM: exit 3, the summary says it stopped, nothing left `sending`; the rest sent once.
+
+    On either engine: every result of a message in flight is committed before exit.
+    """
     people = _people(600)
     emails = [p["email"] for p in people]
-    config = write_config(smtp={"connections": CONNECTIONS}, sending={"rate": 150, **FAST_RETRIES})
-    mailer = Mailer(config, write_list(people), tmp_path, children)
+    config = write_config(
+        smtp={"connections": CONNECTIONS},
+        sending={"rate": 150, **FAST_RETRIES},
+        ledger=ledger_view.config(),
+    )
+    mailer = Mailer(config, write_list(people), tmp_path, children, ledger_view)
     process = mailer.start()
     assert _wait(_messages(smtp_server, 100), process, "100 messages", poll=0.005)
     mailer.kill(process, signal.SIGTERM)
@@ -402,10 +503,14 @@ def test_sigterm_stops_cleanly_and_the_next_run_sends_the_rest_once(
 
 
 def test_a_run_whose_process_is_gone_is_dead_at_once_but_only_on_its_own_host(
-    tmp_path: Path,
+    ledger_url: str,
 ) -> None:
-    """A dead pid on this host frees its run's rows at once; another host's run keeps them."""
-    ledger = Ledger.open(f"sqlite:///{tmp_path / 'ledger.db'}")
+    """A dead pid on this host frees its run's rows at once; another host's run keeps them.
+
+    On either engine: the runs table keeps each run's host and pid, and recovery
+    reads them there.
+    """
+    ledger = Ledger.open(ledger_url)
     people = [Recipient(email=f"p{i}@example.org", line=i + 2) for i in range(4)]
     here, there = ledger.start_run("c", "appeal", "send"), ledger.start_run("c", "appeal", "send")
     ledger.load("c", "appeal", there, [(p, f"<{i}@x>") for i, p in enumerate(people)])

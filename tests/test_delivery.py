@@ -22,6 +22,7 @@ import pytest
 from click.testing import Result
 
 from appeal_mailer.config import SendingSettings, SmtpSettings
+from appeal_mailer.ledger import Ledger
 from appeal_mailer.models import Envelope, State
 from appeal_mailer.ratelimit import RateLimiter
 from appeal_mailer.transport import SMTPTransport
@@ -697,9 +698,44 @@ def test_a_row_is_sending_before_its_data_and_only_rows_in_flight_are(
     assert result.exit_code == EXIT_OK, result.output
     assert len(seen) == 20
     assert {state for state, _ in seen} == {"sending"}
-    # Per session: one in flight, one claimed next, one finished awaiting its commit.
-    # Claiming the whole list ahead of the pace would show about 20 here.
-    assert max(sending for _, sending in seen) <= 3 * connections
+    # Per session: one in flight and one claimed next. Claiming the whole list
+    # ahead of the pace would show about 20 here.
+    assert max(sending for _, sending in seen) <= 2 * connections
+
+
+def test_results_and_next_claims_share_commits_and_never_exceed_the_bound(
+    run_cli: CliRun,
+    write_config: ConfigWriter,
+    write_list: ListWriter,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Group commit: a result and the claim its place goes to ride in one commit, within bounds.
+
+    A place is given back as soon as its row's result is on its way to the ledger,
+    to a claim committed with that result or after it. So after every commit the
+    ledger holds at most 2 x connections rows `sending` (what a crash could leave
+    unknown), and commits do carry results and claims together.
+    """
+    connections = 4
+    config = write_config(smtp={"connections": connections}, sending={"rate": 0})
+    commits: list[tuple[int, int, int]] = []  # (results, claims, rows `sending` after)
+    write_group = Ledger.write_group
+
+    def counted(self: Ledger, *args: Any, **kwargs: Any) -> tuple[list[int], list[int]]:
+        out = write_group(self, *args, **kwargs)
+        results = args[0] if args else kwargs.get("results", ())
+        sending = self.counts("test-campaign").get("sending", 0)
+        commits.append((len(results), len(kwargs.get("claim", ())), sending))
+        return out
+
+    monkeypatch.setattr(Ledger, "write_group", counted)
+    result = send(run_cli, write_list(people(200)), config)
+    assert result.exit_code == EXIT_OK, result.output
+    assert sum(results for results, _, _ in commits) == 200
+    assert sum(claims for _, claims, _ in commits) == 200
+    assert max(sending for _, _, sending in commits) <= 2 * connections
+    assert any(results and claims for results, claims, _ in commits)
+    assert commits[-1][2] == 0
 
 
 def test_rerunning_a_finished_campaign_sends_nothing(

@@ -13,7 +13,6 @@ import os
 import random
 import threading
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+import appeal_mailer.ledger as ledger_module
 from appeal_mailer.errors import LedgerError
 from appeal_mailer.ledger import (
     SCHEMA_VERSION,
@@ -35,58 +35,13 @@ from appeal_mailer.ledger import (
 )
 from appeal_mailer.models import DeliveryResult, Recipient, State
 from tests.conftest import CliRun, ListWriter
+from tests.pg import engine as _engine
 from tests.smtpd import RecordingServer
 
-# The server CI and every developer machine have (trust auth); override to test elsewhere.
-POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 CAMPAIGN, STEP = "karaganda", "appeal"
 
 
 # -- engines -------------------------------------------------------------------------------
-
-
-def _engine(url: str) -> sa.Engine:
-    """A plain engine on `url`, for what the tests set up or inspect behind the ledger's back."""
-    return sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
-
-
-@pytest.fixture(scope="session")
-def postgres_server() -> str:
-    """The PostgreSQL server's URL; skips when there is none, except in CI, where it fails."""
-    import psycopg  # noqa: PLC0415  # only where PostgreSQL is wanted
-
-    try:
-        psycopg.connect(POSTGRES_URL, connect_timeout=3).close()
-    except psycopg.Error as exc:
-        said = " ".join(str(exc).split())
-        reason = f"no PostgreSQL at {POSTGRES_URL} ({said}); set TEST_POSTGRES_URL"
-        if os.environ.get("CI", "").lower() in {"true", "1"}:
-            pytest.fail(f"CI must run the ledger tests on PostgreSQL: {reason}")
-        pytest.skip(reason)
-    return POSTGRES_URL
-
-
-@pytest.fixture
-def postgres_url(postgres_server: str) -> Iterator[str]:
-    """A URL whose search_path is a fresh schema of this test's own, dropped afterwards."""
-    schema = f"t_{uuid.uuid4().hex[:16]}"
-    admin = _engine(postgres_server).execution_options(isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
-    try:
-        yield f"{postgres_server}?options=-csearch_path%3D{schema}"
-    finally:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
-        admin.dispose()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'ledger.db'}"
-    url: str = request.getfixturevalue("postgres_url")
-    return url
 
 
 @pytest.fixture
@@ -534,11 +489,23 @@ def test_a_claim_that_waits_for_another_skips_the_rows_that_one_took(postgres_ur
         ids = due_ids(a, run_a)
         committing, proceed = threading.Event(), threading.Event()
 
-        def hold(_conn: Any) -> None:
-            committing.set()
-            proceed.wait(timeout=60)
+        connect = a._engine.raw_connection
 
-        sa.event.listen(a._engine, "commit", hold)
+        class HeldBeforeCommit:
+            """Run A's driver connection, held just before it commits."""
+
+            def __init__(self) -> None:
+                self._raw = connect()
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(self._raw, name)
+
+            def commit(self) -> None:
+                committing.set()
+                proceed.wait(timeout=60)
+                self._raw.commit()
+
+        a._engine.raw_connection = HeldBeforeCommit  # type: ignore[method-assign]  # the hold
         out: dict[str, tuple[list[int], list[int]]] = {}
         thread_a = threading.Thread(target=lambda: out.update(a=a.claim(ids[:4], run_a)))
         thread_b = threading.Thread(target=lambda: out.update(b=b.claim(ids[2:], run_b)))
@@ -937,3 +904,131 @@ def test_send_and_status_with_a_postgresql_ledger(  # noqa: PLR0917  # pytest fi
         )
         assert row["message_id"].startswith("<")
     assert not (tmp_path / "ledger.db").exists()  # the [ledger] path was not used
+
+
+# -- the hot path: results and claims in one commit -----------------------------------------
+
+
+def test_results_and_claims_share_one_commit(ledger: Ledger) -> None:
+    """write_group records what came back and claims what is next, in one transaction."""
+    run = ledger.start_run(CAMPAIGN, STEP, "send")
+    load(ledger, run, ["sent@example.org", "later@example.org", "next@example.org", "gone@x.org"])
+    sent, later, nxt, gone = due_ids(ledger, run)
+    ledger.claim([sent, later], run)
+    ledger.suppress("gone@x.org", "asked to leave", "manual")
+    retry_at = timestamp(datetime.now(UTC) + timedelta(hours=1))
+    claimed, suppressed = ledger.write_group(
+        [(result(sent, State.SENT, 250), None), (result(later, State.DEFERRED, 451), retry_at)],
+        claim=[gone, nxt],
+        run_id=run,
+    )
+    assert (claimed, suppressed) == ([nxt], [gone])
+    assert states(ledger) == {
+        "sent@example.org": "sent",
+        "later@example.org": "deferred",
+        "next@example.org": "sending",
+        "gone@x.org": "suppressed",
+    }
+
+
+def test_a_group_that_fails_writes_none_of_it(ledger: Ledger) -> None:
+    """A database error part-way through a group leaves every row as it was (one transaction).
+
+    A trigger makes the update of one row fail; the result recorded before it and
+    the claim after it in the same group must not be there afterwards, and the
+    error is a LedgerError naming the ledger.
+    """
+    run = ledger.start_run(CAMPAIGN, STEP, "send")
+    load(ledger, run, ["a@example.org", "boom@example.org", "c@example.org"])
+    a, boom, c = due_ids(ledger, run)
+    ledger.claim([a, boom], run)
+    with ledger._write() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.exec_driver_sql(
+                "CREATE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                "IF NEW.email = 'boom@example.org' THEN RAISE EXCEPTION 'boom'; END IF; "
+                "RETURN NEW; END $$"
+            )
+            conn.exec_driver_sql(
+                "CREATE TRIGGER boom BEFORE UPDATE ON deliveries "
+                "FOR EACH ROW EXECUTE FUNCTION boom()"
+            )
+        else:
+            conn.exec_driver_sql(
+                "CREATE TRIGGER boom BEFORE UPDATE ON deliveries "
+                "WHEN NEW.email = 'boom@example.org' BEGIN SELECT RAISE(ABORT, 'boom'); END"
+            )
+    with pytest.raises(LedgerError, match="boom") as caught:
+        ledger.write_group(
+            [(result(a, State.SENT, 250), None), (result(boom, State.SENT, 250), None)],
+            claim=[c],
+            run_id=run,
+        )
+    assert caught.value.location == ledger.location
+    assert states(ledger) == {
+        "a@example.org": "sending",
+        "boom@example.org": "sending",
+        "c@example.org": "pending",
+    }
+
+
+def test_due_pages_merge_pending_and_due_deferred_rows_in_id_order(ledger: Ledger) -> None:
+    """Pending and due deferred rows, interleaved over several pages, each come exactly once.
+
+    Pages are read from each state separately and merged (due_page): every third
+    row is deferred and due, every seventh deferred but not yet due; the pages
+    must hold every due row once, in id order, and no row that is not due.
+    """
+    run = ledger.start_run(CAMPAIGN, STEP, "send")
+    load(ledger, run, emails(1300))
+    ids = due_ids(ledger, run)
+    soon = timestamp(datetime.now(UTC) - timedelta(minutes=1))
+    late = timestamp(datetime.now(UTC) + timedelta(hours=1))
+    deferred = [i for n, i in enumerate(ids) if n % 3 == 0 or n % 7 == 0]
+    ledger.claim(deferred, run)
+    ledger.record(
+        [
+            (result(i, State.DEFERRED, 451), late if n % 7 == 0 else soon)
+            for n, i in enumerate(ids)
+            if i in set(deferred)
+        ]
+    )
+    not_due = {i for n, i in enumerate(ids) if n % 7 == 0}
+    pages: list[list[int]] = []
+    while page := ledger.due_page(scope(run), pages[-1][-1] if pages else 0):
+        pages.append([row.row_id for row in page])
+    got = [i for page in pages for i in page]
+    assert got == [i for i in ids if i not in not_due]
+    assert len(pages) == 3
+    assert all(len(page) == 500 for page in pages[:-1])
+
+
+def test_heartbeats_on_postgresql_use_the_servers_clock(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run on a machine whose clock is ten minutes slow is not taken for dead.
+
+    Run A, on another machine (another host, so its pid cannot be checked from
+    here) with a clock ten minutes behind, claims rows and beats. Run B, here,
+    with a right clock, recovers interrupted rows: A's stay `sending`, because
+    its heartbeat came from the PostgreSQL server's clock, not its own. (On one
+    machine's clock, A's heartbeat would be ten minutes old: stale.)
+    """
+    a, b = Ledger.open(postgres_url), Ledger.open(postgres_url)
+    try:
+        slow = datetime.now(UTC) - timedelta(minutes=10)
+        with monkeypatch.context() as machine_a:
+            machine_a.setattr(ledger_module, "_local_now", lambda: slow)
+            machine_a.setattr(ledger_module, "_this_host", lambda: "another-machine")
+            run_a = a.start_run(CAMPAIGN, STEP, "send")
+            load(a, run_a, emails(3))
+            a.claim(due_ids(a, run_a), run_a)
+            a.heartbeat(run_a)
+        assert b.recover_interrupted(CAMPAIGN, STEP) == 0
+        assert b.counts(CAMPAIGN) == {"sending": 3}
+        with b._read() as conn:
+            beat = conn.execute(sa.select(runs.c.heartbeat_at).where(runs.c.id == run_a)).scalar()
+        assert beat > timestamp(datetime.now(UTC) - timedelta(seconds=STALE_AFTER))
+    finally:
+        a.close()
+        b.close()

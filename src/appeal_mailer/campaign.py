@@ -120,6 +120,75 @@ class _Job:
     attempts_before: int
 
 
+Claims = tuple[list[int], list[int]]
+_Results = list[tuple[DeliveryResult, str | None]]
+
+
+class _GroupCommit:
+    """Results and claims that wait for the ledger at the same time share one commit.
+
+    One ledger transaction is in flight at a time; whatever is asked for meanwhile
+    (the results that came back, the rows that workers need next) goes into the
+    next one together: a commit, and its flush of the log, serves them all
+    (Ledger.write_group). Each commit holds exactly what was asked for before it,
+    in order: a prefix of the requests, never a later one without an earlier.
+    """
+
+    def __init__(self, write: Callable[[_Results, list[tuple[str, str]], list[int]], Any]) -> None:
+        # `write(results, bounced, claim)` returns an awaitable of (claimed, suppressed).
+        self._write = write
+        self._results: _Results = []
+        self._bounced: list[tuple[str, str]] = []
+        self._claims: list[int] = []
+        self._waiting: list[asyncio.Future[Claims]] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    def claim(self, row_ids: list[int]) -> asyncio.Future[Claims]:
+        """Claim `row_ids`: resolves to all the ids claimed and suppressed by the commit."""
+        self._claims += row_ids
+        return self._request()
+
+    def record(self, results: _Results, bounced: list[tuple[str, str]]) -> asyncio.Future[Claims]:
+        """Record `results` (and put `bounced` on the do-not-mail list): resolves when durable."""
+        self._results += results
+        self._bounced += bounced
+        return self._request()
+
+    def _request(self) -> asyncio.Future[Claims]:
+        done: asyncio.Future[Claims] = asyncio.get_running_loop().create_future()
+        self._waiting.append(done)
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._drain())
+        return done
+
+    async def _drain(self) -> None:
+        waiting: list[asyncio.Future[Claims]] = []
+        try:
+            while self._waiting:
+                # One turn of the loop first: whatever the request just made wakes
+                # (a claim for the places a record gave back) joins this commit.
+                await asyncio.sleep(0)
+                waiting, self._waiting = self._waiting, []
+                results, self._results = self._results, []
+                bounced, self._bounced = self._bounced, []
+                claims, self._claims = self._claims, []
+                try:
+                    outcome = await self._write(results, bounced, claims)
+                except Exception as exc:  # each waiter decides what a failure means
+                    for future in waiting:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                for future in waiting:
+                    if not future.done():
+                        future.set_result(outcome)
+        finally:
+            self._writer = None
+            # Cancelled (the run is being torn down): nobody may wait forever.
+            for future in waiting + self._waiting:
+                future.cancel()
+
+
 class CampaignRun:
     """One `send` of one campaign step, from a list, through one transport."""
 
@@ -315,10 +384,19 @@ class CampaignRun:
         # `sending` row into `unknown`, never re-sent, so claiming ahead of the pace
         # would lose the rest of the list. Each worker may hold one message in flight
         # and one claimed next, so that its next claim commit overlaps its SMTP work.
-        # A row keeps its place until its result is durable (record), not just until
-        # its reply came: until then it is `sending` too, so a crash leaves at most
-        # 2 x connections rows unknown, however far the ledger lags behind the server.
+        # A row keeps its place until its result is on its way to the ledger, not just
+        # until its reply came: the place goes to a claim that is committed with that
+        # result or after it (_GroupCommit commits requests in order), so the ledger
+        # never holds more than 2 x connections rows `sending`, and a crash leaves at
+        # most that many unknown, however far the ledger lags behind the server.
         free = asyncio.Semaphore(2 * connections)
+        ledger = _GroupCommit(
+            lambda results, bounced, claims: self._db(
+                functools.partial(
+                    self.ledger.write_group, results, bounced, claim=claims, run_id=run_id
+                )
+            )
+        )
 
         async def claim() -> None:
             producing = len(lanes)
@@ -340,7 +418,7 @@ class CampaignRun:
                             continue
                         await free.acquire()  # returns at once: not locked
                         batch.append(job)
-                    await self._claim(batch, run_id, ready, free, report, progress)
+                    await self._claim(batch, ledger, ready, free, report, progress)
             except Exception as exc:  # any failure stops the run cleanly
                 self.stop(f"could not claim the next messages: {exc}", _error(exc))
                 while producing:  # let the producers finish: they stop at the flag
@@ -380,16 +458,16 @@ class CampaignRun:
                     for result, _ in batch
                     if result.state is State.FAILED and mailbox_gone(result.code, result.reply)
                 ]
+                durable = ledger.record(batch, bounced)
+                for _ in batch:
+                    free.release()  # to claims that commit with these results or after
                 try:
-                    await self._db(self.ledger.record, batch, bounced)
+                    await durable
                 except AppealMailerError as exc:
                     # Not recorded: these rows stay `sending`, so the next run marks
                     # them unknown rather than sending them again.
                     self.stop(f"could not record results: {exc}", exc)
                     continue
-                finally:
-                    for _ in batch:
-                        free.release()
                 report.bounced += len(bounced)
                 for result, _ in batch:
                     streak = streak + 1 if _unreachable(result) else 0
@@ -450,24 +528,23 @@ class CampaignRun:
     async def _claim(  # noqa: PLR0917  # the pipeline's shared parts, passed explicitly
         self,
         batch: list[_Job],
-        run_id: int,
+        ledger: _GroupCommit,
         ready: asyncio.Queue[_Job | None],
         free: asyncio.Semaphore,
         report: RunReport,
         progress: Progress | None,
     ) -> None:
-        claimed, suppressed = await self._db(
-            self.ledger.claim, [job.envelope.row_id for job in batch], run_id
-        )
+        # The commit may hold other waiters' claims too: each takes only its own rows.
+        claimed, suppressed = map(set, await ledger.claim([job.envelope.row_id for job in batch]))
         for job in batch:
             row_id = job.envelope.row_id
             if row_id in claimed:
-                claimed.remove(row_id)  # each claimed row goes out once
+                claimed.discard(row_id)  # each claimed row goes out once
                 await ready.put(job)
                 continue
             free.release()
             if row_id in suppressed:
-                suppressed.remove(row_id)
+                suppressed.discard(row_id)
                 report.suppressed += 1
                 if progress is not None:
                     progress.advance(_suppressed(job.envelope))

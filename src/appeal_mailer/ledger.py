@@ -25,13 +25,14 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.sql.compiler import SQLCompiler
 
 from appeal_mailer.errors import LedgerError
 from appeal_mailer.models import DeliveryResult, Recipient, State
 
 # The schema this release writes. A ledger made by an older release is brought up to
 # it on open by _MIGRATIONS (see Ledger._migrate); one made by a newer one is refused.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # "power": a commit survives power loss; "crash": a crash of the process only.
 Durability = Literal["power", "crash"]
 _BATCH = 500
@@ -77,7 +78,8 @@ deliveries = sa.Table(
     sa.Column("claimed_by", sa.Integer, nullable=True),
     sa.Column("updated_at", sa.String(32), nullable=False),
     sa.UniqueConstraint("campaign", "step", "email", name="uq_deliveries_campaign_step_email"),
-    sa.Index("ix_deliveries_campaign_state", "campaign", "step", "state"),
+    # Due rows are read page by page in id order, each state's from this index (due_page).
+    sa.Index("ix_deliveries_due", "campaign", "step", "state", "id"),
 )
 
 runs = sa.Table(
@@ -118,7 +120,7 @@ _CLAIMABLE = (State.PENDING.value, State.DEFERRED.value)
 
 def timestamp(moment: datetime | None = None) -> str:
     """`moment` (now by default) as fixed-width ISO 8601 UTC text."""
-    moment = moment or datetime.now(UTC)
+    moment = moment or _local_now()
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
@@ -187,6 +189,8 @@ class Ledger:
         self.location = location
         # The folder of a scratch copy, removed on close.
         self._scratch = scratch
+        # The hot path's statements, compiled for this engine on first use.
+        self._hot: _HotStatements | None = None
 
     @classmethod
     def open(
@@ -244,13 +248,14 @@ class Ledger:
 
     def start_run(self, campaign: str, step: str, command: str) -> int:
         with self._write() as conn:
+            now = _clock(conn)
             result = conn.execute(
                 runs.insert().values(
                     campaign=campaign,
                     step=step,
                     command=command,
-                    started_at=timestamp(),
-                    heartbeat_at=timestamp(),
+                    started_at=now,
+                    heartbeat_at=now,
                     host=_this_host(),
                     pid=os.getpid(),
                 )
@@ -262,14 +267,16 @@ class Ledger:
     def heartbeat(self, run_id: int) -> None:
         """Say that run `run_id` is alive, so no other run recovers its rows."""
         with self._write() as conn:
-            conn.execute(runs.update().where(runs.c.id == run_id).values(heartbeat_at=timestamp()))
+            conn.execute(
+                runs.update().where(runs.c.id == run_id).values(heartbeat_at=_clock(conn))
+            )
 
     def finish_run(self, run_id: int, summary: dict[str, Any]) -> None:
         with self._write() as conn:
             conn.execute(
                 runs.update()
                 .where(runs.c.id == run_id)
-                .values(finished_at=timestamp(), summary=json.dumps(summary, sort_keys=True))
+                .values(finished_at=_clock(conn), summary=json.dumps(summary, sort_keys=True))
             )
 
     # -- loading a list --------------------------------------------------------
@@ -366,12 +373,12 @@ class Ledger:
         (RFC 1047), so such rows are not sent again unless the operator asks. Rows
         of a run that is still alive (an overlapping cron run) are left alone.
         """
-        stale = timestamp(datetime.now(UTC) - timedelta(seconds=STALE_AFTER))
-        unfinished = sa.and_(runs.c.finished_at.is_(None), runs.c.heartbeat_at >= stale)
         # Runs of this host whose process is gone. Read before the update, outside
         # its transaction: that is safe, because a dead process never comes back, and
         # a run that starts meanwhile is not in this list, so it counts as alive.
         with self._read() as conn:
+            stale = _clock(conn, -STALE_AFTER)
+            unfinished = sa.and_(runs.c.finished_at.is_(None), runs.c.heartbeat_at >= stale)
             here = conn.execute(
                 sa.select(runs.c.id, runs.c.pid).where(
                     unfinished, runs.c.host == _this_host(), runs.c.pid.is_not(None)
@@ -413,13 +420,26 @@ class Ledger:
         grow with the list. With `domain`, only addresses at that domain or its
         subdomains; `exclude` leaves such addresses out.
         """
-        query = self._due_query(scope).where(deliveries.c.id > after)
+        where = [deliveries.c.id > after]
         if domain is not None:
-            query = query.where(_at_domain(domain))
-        for other in exclude:
-            query = query.where(sa.not_(_at_domain(other)))
+            where.append(_at_domain(domain))
+        where += [sa.not_(_at_domain(other)) for other in exclude]
+        # Pending rows and due deferred ones each read in id order from the index on
+        # (campaign, step, state, id), the first page of each, then merged: a page
+        # costs the same at the list's end as at its start. (One query with `state IN
+        # (...)` must collect and sort every due row after `after` for each page.)
+        pending, deferred = (
+            self._due_query(scope, state)
+            .where(*where)
+            .order_by(deliveries.c.id)
+            .limit(_BATCH)
+            .subquery()
+            for state in (State.PENDING, State.DEFERRED)
+        )
+        both = sa.union_all(sa.select(pending), sa.select(deferred)).subquery()
+        query = sa.select(both).order_by(both.c.id).limit(_BATCH)
         with self._read() as conn:
-            page = conn.execute(query.order_by(deliveries.c.id).limit(_BATCH)).all()
+            page = conn.execute(query).all()
         return [
             DueRow(
                 row_id=row.id,
@@ -435,7 +455,15 @@ class Ledger:
         with self._read() as conn:
             return int(conn.execute(query).scalar_one())
 
-    def _due_query(self, scope: DueScope) -> sa.Select[Any]:
+    def _due_query(self, scope: DueScope, state: State | None = None) -> sa.Select[Any]:
+        """Due rows of `scope`: pending or deferred-and-due, or only those of `state`."""
+        due = {
+            State.PENDING: deliveries.c.state == State.PENDING.value,
+            State.DEFERRED: sa.and_(
+                deliveries.c.state == State.DEFERRED.value,
+                deliveries.c.next_attempt_at <= timestamp(scope.now),
+            ),
+        }
         return (
             sa.select(
                 deliveries.c.id,
@@ -456,13 +484,7 @@ class Ledger:
                 deliveries.c.campaign == scope.campaign,
                 deliveries.c.step == scope.step,
                 recipients.c.seen_run == scope.run_id,
-                sa.or_(
-                    deliveries.c.state == State.PENDING.value,
-                    sa.and_(
-                        deliveries.c.state == State.DEFERRED.value,
-                        deliveries.c.next_attempt_at <= timestamp(scope.now),
-                    ),
-                ),
+                due[state] if state is not None else sa.or_(*due.values()),
             )
         )
 
@@ -471,45 +493,10 @@ class Ledger:
 
         Rows whose address is on the suppression list become `suppressed` instead
         (checked now, at send time, not when the list was loaded). Returns the ids
-        claimed and the ids suppressed; a row another run took meanwhile is in neither.
+        claimed and the ids suppressed, in id order; a row another run took
+        meanwhile is in neither.
         """
-        if not row_ids:
-            return [], []
-        now = timestamp()
-        with self._write() as conn:
-            if conn.dialect.name == "postgresql":
-                # Two runs may claim overlapping batches at once. Each UPDATE below
-                # only takes rows still claimable: under READ COMMITTED, an UPDATE that
-                # waits for a row another transaction locked re-checks its WHERE on the
-                # committed row, so a row the other run made `sending` is skipped. Lock
-                # the batch in id order first, so that the two runs queue on their first
-                # shared row rather than lock in two scan orders and deadlock. (SQLite
-                # has one writer at a time; it needs neither.)
-                conn.execute(
-                    sa.select(deliveries.c.id)
-                    .where(deliveries.c.id.in_(row_ids), deliveries.c.state.in_(_CLAIMABLE))
-                    .order_by(deliveries.c.id)
-                    .with_for_update()
-                )
-            suppressed_emails = sa.select(suppressions.c.email)
-            suppressed = conn.execute(
-                deliveries.update()
-                .where(
-                    deliveries.c.id.in_(row_ids),
-                    deliveries.c.state.in_(_CLAIMABLE),
-                    deliveries.c.email.in_(suppressed_emails),
-                )
-                .values(state=State.SUPPRESSED.value, updated_at=now)
-                .returning(deliveries.c.id)
-            ).scalars()
-            suppressed_ids = list(suppressed)
-            claimed = conn.execute(
-                deliveries.update()
-                .where(deliveries.c.id.in_(row_ids), deliveries.c.state.in_(_CLAIMABLE))
-                .values(state=State.SENDING.value, claimed_by=run_id, updated_at=now)
-                .returning(deliveries.c.id)
-            ).scalars()
-            return list(claimed), suppressed_ids
+        return self.write_group(claim=row_ids, run_id=run_id)
 
     def record(
         self,
@@ -521,42 +508,66 @@ class Ledger:
         Each (email, reply) of `bounced` goes on the do-not-mail list (source
         "bounce") in the same transaction: durable exactly when its failure is.
         """
-        if not results:
-            return
+        self.write_group(results, bounced)
+
+    def write_group(
+        self,
+        results: Sequence[tuple[DeliveryResult, str | None]] = (),
+        bounced: Sequence[tuple[str, str]] = (),
+        *,
+        claim: Sequence[int] = (),
+        run_id: int | None = None,
+    ) -> tuple[list[int], list[int]]:
+        """`record(results, bounced)` and `claim(claim, run_id)` in one transaction.
+
+        A send's hot path: the results that came back and the claims that workers
+        wait for meanwhile share one commit (one flush of the log), see campaign.py.
+        Returns what `claim` returns.
+        """
+        if not (results or bounced or claim):
+            return [], []
+        if claim and run_id is None:
+            raise ValueError("claiming rows needs the run_id that claims them")
         now = timestamp()
-        with self._write() as conn:
-            conn.execute(
-                deliveries.update()
-                .where(deliveries.c.id == sa.bindparam("row_id"))
-                .values(
-                    state=sa.bindparam("new_state"),
-                    attempts=deliveries.c.attempts + sa.bindparam("tries"),
-                    smtp_code=sa.bindparam("code"),
-                    smtp_reply=sa.bindparam("reply"),
-                    next_attempt_at=sa.bindparam("next_at"),
-                    claimed_by=None,
-                    updated_at=now,
-                ),
-                [
-                    {
-                        "row_id": r.row_id,
-                        "new_state": r.state.value,
-                        "tries": r.attempts,
-                        "code": r.code,
-                        "reply": r.reply,
-                        "next_at": next_at,
-                    }
-                    for r, next_at in results
-                ],
-            )
-            if bounced:
-                conn.execute(
-                    self._insert(suppressions).on_conflict_do_nothing(index_elements=["email"]),
-                    [
-                        {"email": email, "reason": reply, "source": "bounce", "created_at": now}
-                        for email, reply in bounced
-                    ],
+        writes: list[tuple[int, tuple[DeliveryResult, str | None] | None]] = [
+            (row_id, None) for row_id in claim
+        ]
+        writes += [(item[0].row_id, item) for item in results]
+        # In id order, results and claims alike: on PostgreSQL each UPDATE locks its
+        # row, and two runs that lock rows in one order cannot deadlock. (SQLite has
+        # one writer at a time; the order costs it nothing.)
+        writes.sort(key=lambda write: write[0])
+        claimed: list[int] = []
+        suppressed: list[int] = []
+        with self._hot_write() as (cursor, hot):
+            for row_id, outcome in writes:
+                if outcome is None:
+                    cursor.execute(
+                        hot.claim.sql, hot.claim.params(row_id=row_id, run_id=run_id, now=now)
+                    )
+                    for _, state in cursor.fetchall():
+                        (claimed if state == State.SENDING.value else suppressed).append(row_id)
+                    continue
+                result, next_at = outcome
+                cursor.execute(
+                    hot.record.sql,
+                    hot.record.params(
+                        row_id=row_id,
+                        new_state=result.state.value,
+                        tries=result.attempts,
+                        code=result.code,
+                        reply=result.reply,
+                        next_at=next_at,
+                        now=now,
+                    ),
                 )
+            # After the rows, in address order: one lock order for every run here too.
+            for email, reply in sorted(bounced):
+                cursor.execute(
+                    hot.bounce.sql,
+                    hot.bounce.params(email=email, reason=reply, source="bounce", created_at=now),
+                )
+        return claimed, suppressed
 
     def release(self, row_ids: Sequence[int], run_id: int) -> None:
         """Put claimed rows whose DATA never started back to `pending` (a run stopping early)."""
@@ -744,6 +755,35 @@ class Ledger:
     def _write(self) -> _Transaction:
         return _Transaction(self._engine, self.location)
 
+    @contextlib.contextmanager
+    def _hot_write(self) -> Iterator[tuple[Any, _HotStatements]]:
+        """One transaction on the driver's own connection and cursor, committed on success.
+
+        For the statements of `_HotStatements` only; database errors become LedgerError.
+        """
+        if self._hot is None:
+            self._hot = _HotStatements.compile(self._engine.dialect, self._insert(suppressions))
+        driver_error: type[Exception] = self._engine.dialect.loaded_dbapi.Error
+        try:
+            raw = self._engine.raw_connection()
+        except SQLAlchemyError as exc:
+            raise LedgerError(_first_line(exc), location=self.location) from exc
+        try:
+            cursor = raw.cursor()
+            try:
+                yield cursor, self._hot
+                raw.commit()
+            except BaseException:
+                with contextlib.suppress(driver_error):
+                    raw.rollback()
+                raise
+            finally:
+                cursor.close()
+        except driver_error as exc:
+            raise LedgerError(_first_line(exc), location=self.location) from exc
+        finally:
+            raw.close()  # back to the pool
+
     def _read(self) -> _Transaction:
         return _Transaction(self._engine, self.location)
 
@@ -797,6 +837,113 @@ class _Transaction:
             raise LedgerError(_first_line(error), location=self._location) from error
         if isinstance(exc, SQLAlchemyError):
             raise LedgerError(_first_line(exc), location=self._location) from exc
+
+
+@dataclass(frozen=True, slots=True)
+class _Compiled:
+    """A Core statement compiled once for one dialect, run on the driver's own cursor.
+
+    Written by hand because SQLAlchemy's `Connection.execute()` spends 0.1 to 0.2 ms
+    of Python on each call (cache key, parameter processing, result objects), a send
+    makes one claim and one record per message, and under the GIL that time is taken
+    from rendering and SMTP: measured, it was most of what the ledger cost a send
+    (bench/README.md, "Ledger cost"). The SQL is still SQLAlchemy's, for either
+    dialect; only the call is the driver's own (PEP 249), which SQLAlchemy offers
+    for this (`Engine.raw_connection`).
+    """
+
+    sql: str
+    defaults: dict[str, Any]
+    # The parameters' order for a positional paramstyle (SQLite's "qmark"); None for
+    # a named one (psycopg's "pyformat"), which takes a dict.
+    positions: tuple[str, ...] | None
+
+    @classmethod
+    def of(
+        cls,
+        statement: sa.ClauseElement,
+        dialect: sa.Dialect,
+        column_keys: Sequence[str] | None = None,
+    ) -> _Compiled:
+        compiled = statement.compile(
+            dialect=dialect, column_keys=list(column_keys) if column_keys else None
+        )
+        assert isinstance(compiled, SQLCompiler)  # noqa: S101  # a DML statement's compiler
+        order = compiled.positiontup
+        return cls(compiled.string, dict(compiled.params), None if order is None else tuple(order))
+
+    def params(self, **values: Any) -> Any:
+        merged = {**self.defaults, **values}
+        if self.positions is None:
+            return merged
+        return tuple(merged[name] for name in self.positions)
+
+
+@dataclass(frozen=True, slots=True)
+class _HotStatements:
+    """The statements a send runs for every message, compiled once per ledger."""
+
+    claim: _Compiled
+    record: _Compiled
+    bounce: _Compiled
+
+    @classmethod
+    def compile(cls, dialect: sa.Dialect, insert_suppression: Any) -> _HotStatements:
+        listed = sa.exists().where(suppressions.c.email == deliveries.c.email)
+        claimable = sa.or_(*(deliveries.c.state == state for state in _CLAIMABLE))
+        # One statement per row, suppression checked in it: `sending`, or `suppressed`
+        # when the address is on the do-not-mail list; nothing when another run took it.
+        claim = (
+            deliveries.update()
+            .where(deliveries.c.id == sa.bindparam("row_id"), claimable)
+            .values(
+                state=sa.case((listed, State.SUPPRESSED.value), else_=State.SENDING.value),
+                claimed_by=sa.case((listed, None), else_=sa.bindparam("run_id", type_=sa.Integer)),
+                updated_at=sa.bindparam("now"),
+            )
+            .returning(deliveries.c.id, deliveries.c.state)
+        )
+        record = (
+            deliveries.update()
+            .where(deliveries.c.id == sa.bindparam("row_id"))
+            .values(
+                state=sa.bindparam("new_state"),
+                attempts=deliveries.c.attempts + sa.bindparam("tries", type_=sa.Integer),
+                smtp_code=sa.bindparam("code"),
+                smtp_reply=sa.bindparam("reply"),
+                next_attempt_at=sa.bindparam("next_at"),
+                claimed_by=None,
+                updated_at=sa.bindparam("now"),
+            )
+        )
+        bounce = insert_suppression.on_conflict_do_nothing(index_elements=["email"])
+        return cls(
+            claim=_Compiled.of(claim, dialect),
+            record=_Compiled.of(record, dialect),
+            bounce=_Compiled.of(bounce, dialect, ["email", "reason", "source", "created_at"]),
+        )
+
+
+def _clock(conn: sa.Connection, offset: float = 0.0) -> str:
+    """Now (plus `offset` seconds) as `timestamp` text, by the database's clock where it has one.
+
+    Runs' heartbeats are written by each run and judged stale by another, perhaps
+    on another machine sharing a PostgreSQL ledger: one clock, the server's, keeps
+    a machine whose clock is minutes behind from having its live run's rows taken
+    over as dead (or a dead one's kept). clock_timestamp(), not now(): the time of
+    the statement, not of the start of its transaction. An SQLite ledger is a file
+    on one machine; its clock is this process's.
+    """
+    if conn.dialect.name == "postgresql":
+        moment: datetime = conn.execute(sa.select(sa.func.clock_timestamp())).scalar_one()
+    else:
+        moment = _local_now()
+    return timestamp(moment + timedelta(seconds=offset))
+
+
+def _local_now() -> datetime:
+    """This machine's clock: the one place the ledger reads it (tests move it)."""
+    return datetime.now(UTC)
 
 
 def _this_host() -> str:
@@ -897,8 +1044,21 @@ def _v2_run_host_and_pid(conn: sa.Connection) -> None:
     _add_columns(conn, "runs", sa.Column("host", sa.Text), sa.Column("pid", sa.Integer))
 
 
+def _v3_due_index_in_id_order(conn: sa.Connection) -> None:
+    """Due rows are read in id order from an index that has the id in it (see due_page).
+
+    SQLite's old index had the row id in it implicitly; PostgreSQL's did not, and had
+    to sort every due row for each page.
+    """
+    conn.exec_driver_sql("DROP INDEX IF EXISTS ix_deliveries_campaign_state")
+    conn.exec_driver_sql(
+        "CREATE INDEX ix_deliveries_due ON deliveries (campaign, step, state, id)"
+    )
+
+
 _MIGRATIONS: dict[int, Callable[[sa.Connection], None]] = {
     2: _v2_run_host_and_pid,
+    3: _v3_due_index_in_id_order,
 }
 
 
