@@ -459,3 +459,33 @@ def test_status_shows_the_run_log_newest_first(
     assert log[0].startswith("#2 ")
     assert "send appeal: 6 sent" in log[0]
     assert "send appeal: 4 sent" in log[1]
+
+
+@pytest.mark.parametrize("uvloop_installed", [True, False], ids=["uvloop", "asyncio"])
+def test_send_runs_on_uvloop_when_it_is_installed_and_on_asyncio_otherwise(
+    run_cli: CliRun,
+    write_list: ListWriter,
+    smtp_server: RecordingServer,
+    monkeypatch: pytest.MonkeyPatch,
+    uvloop_installed: bool,
+) -> None:
+    """The `fast` extra's uvloop is used when importable; without it the run is the same."""
+    import asyncio  # noqa: PLC0415  # only this test looks at the loop
+
+    from appeal_mailer.campaign import CampaignRun  # noqa: PLC0415
+
+    loops: list[str] = []
+    real_run = CampaignRun.run
+
+    async def run(self: CampaignRun, *args: object, **kwargs: object) -> object:
+        loops.append(type(asyncio.get_running_loop()).__module__)
+        return await real_run(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(CampaignRun, "run", run)
+    if not uvloop_installed:
+        monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop -> ImportError
+    people = [{"email": f"m{i}@example.org", "name": f"M {i}"} for i in range(5)]
+    result = run_cli("send", str(write_list(people)), "--yes")
+    assert result.exit_code == 0, result.output
+    assert len(smtp_server.messages) == 5
+    assert loops == (["uvloop"] if uvloop_installed else ["asyncio.unix_events"])

@@ -8,6 +8,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+import jinja2
 import pytest
 
 from appeal_mailer import timezones
@@ -757,3 +758,121 @@ def test_local_time_converts_a_moment_to_a_zone() -> None:
     assert timezones.local_time(datetime(2026, 1, 1, 23, 30), "Asia/Almaty", "%d %H:%M") == (
         "02 04:30"
     )
+
+
+# -- wrapping ------------------------------------------------------------------------
+
+
+def test_wordwrap_wraps_each_recipients_own_text_and_shared_text_alike(
+    make_renderer: MakeRenderer,
+) -> None:
+    """`wordwrap` remembers wrapped texts, but each subscriber still gets their own paragraph.
+
+    The shared paragraph wraps the same for everyone, exactly as Jinja's own
+    filter wraps it; the personal one carries each name, never an earlier one.
+    """
+    shared = "The appeal hearing is on Monday and the court must hear from us. " * 4
+    renderer = make_renderer(
+        {
+            "m.txt.j2": "Subject: S\n\n"
+            "{% filter wordwrap(40, break_long_words=false) %}" + shared + "{% endfilter %}\n\n"
+            "{{ (('Dear ' ~ recipient.name ~ ', please write today. ') * 3) | wordwrap(30) }}\n"
+        }
+    )
+    jinja = jinja2.Environment(keep_trailing_newline=True, autoescape=False)  # noqa: S701  # plain text, as the .txt templates
+    expected_shared = jinja.from_string(
+        "{% filter wordwrap(40, break_long_words=false) %}" + shared + "{% endfilter %}"
+    ).render()
+    for name in ("Ann Hart", "Берик Абенов", "Ann Hart"):
+        text = render(renderer, ann(name=name)).text
+        assert text.startswith(expected_shared + "\n")
+        assert all(len(line) <= 40 for line in expected_shared.splitlines())
+        personal = text[len(expected_shared) + 1 :]
+        assert personal == jinja.from_string(
+            "{{ (('Dear ' ~ name ~ ', please write today. ') * 3) | wordwrap(30) }}\n"
+        ).render(name=name)
+        assert name in personal
+
+
+# -- a message the same for everyone is rendered once ---------------------------------
+
+
+def test_a_message_with_nothing_personal_is_rendered_once_and_shared(
+    make_renderer: MakeRenderer,
+) -> None:
+    """A forwardable appeal (no recipient, no unsubscribe link) is one text for all.
+
+    It is rendered once per run: every recipient's message carries the very same
+    text object, equal to what rendering it for that recipient gives.
+    """
+    renderer = make_renderer(
+        {"m.txt.j2": "Subject: {{ campaign.name }}\n\nFree the {{ campaign.id }} three.\n"}
+    )
+    first, second = render(renderer, ann()), render(renderer, ann(name="Берик"))
+    assert first.text == "Free the karaganda-2003 three.\n"
+    assert second.text is first.text
+    assert (second.subject, second.recipient.name) == ("Solidarity", "Берик")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "Dear {{ recipient.name }},",
+        "{% if recipient.organization %}Comrades{% else %}Friend{% endif %}",
+        "{{ recipient['name'] }}",
+        "{{ recipient | length }} {{ recipient.items() | list }}",
+        "{{ recipient | tojson }}",
+        "{{ unsubscribe_url }}",
+        "{{ unsubscribe_url[:30] }}",
+        "{{ 'x' + unsubscribe_url }}",
+        "{{ unsubscribe_url | tojson }}",
+        "{{ unsubscribe_url | length }}",
+        "{% if unsubscribe_url == 'x' %}a{% endif %}",
+        "{% if 'name' in recipient %}{{ recipient.email }}{% endif %}",
+        "{{ [recipient.name, 'x'] | join(', ') }}",
+        "{{ range(100000) | random }}",
+    ],
+)
+def test_a_message_that_uses_a_personal_value_is_rendered_per_recipient(
+    make_renderer: MakeRenderer, body: str
+) -> None:
+    """Any use of `recipient` or `unsubscribe_url`, however indirect, makes the message personal.
+
+    Each recipient's text is then what rendering for that recipient alone gives
+    (two recipients who differ in every field, and `random` gives each its own).
+    """
+    renderer = make_renderer({"m.txt.j2": "Subject: S\n\n" + body + "\n"})
+    people = [ann(), ann(email="berik@example.kz", name="Берик", organization="", line=9)]
+    # Two recipients, and two unsubscribe URLs, that differ in every way a template can see.
+    urls = ["x", "https://lists.example.org/unsubscribe?t=2"]
+    texts = [
+        renderer.render(person, unsubscribe_url=url, step="m").text
+        for person, url in zip(people, urls, strict=True)
+    ]
+    if "random" in body:
+        more = {render(renderer).text for _ in range(20)}
+        assert len(more) > 1
+        return
+    assert texts[0] != texts[1]
+
+
+def test_the_preflight_check_falls_back_when_a_shared_text_differs(
+    make_renderer: MakeRenderer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Should the probe be fooled, the pre-flight comparison renders everyone on their own.
+
+    A template compares the unsubscribe URL in a way the probe cannot see (a C
+    method of another string); the first recipient's own render differs from
+    the shared one, and from then on each recipient gets their own text.
+    """
+    renderer = make_renderer(
+        {
+            "m.txt.j2": "Subject: S\n\n"
+            "{% if 'https://u.example/1'.endswith(unsubscribe_url) %}one{% else %}other"
+            "{% endif %}\n"
+        }
+    )
+    assert render(renderer).text == "other"  # shared: the probe saw nothing personal
+    renderer.check(ann(), unsubscribe_url="https://u.example/1", step="m", index=0)
+    got = renderer.render(ann(), unsubscribe_url="https://u.example/1", step="m").text
+    assert got == "one"

@@ -25,7 +25,14 @@ from appeal_mailer.errors import AppealMailerError, ServerError
 from appeal_mailer.ledger import HEARTBEAT, DueScope, Ledger, timestamp
 from appeal_mailer.lists import read_recipients
 from appeal_mailer.mime import MessageBuilder
-from appeal_mailer.models import DeliveryResult, Envelope, Recipient, SkippedRow, State
+from appeal_mailer.models import (
+    DeliveryResult,
+    Envelope,
+    Recipient,
+    RenderedMessage,
+    SkippedRow,
+    State,
+)
 from appeal_mailer.ratelimit import RateLimiter
 from appeal_mailer.render import Renderer
 from appeal_mailer.transport import Transport
@@ -263,22 +270,32 @@ class CampaignRun:
                 if len(preflight.skipped) < REPORT_ROWS:
                     preflight.skipped.append(item)
                 continue
-            data = self.wire_bytes(item)
+            # Rendering is what can fail for one subscriber; building the wire bytes
+            # from a rendered message cannot (mime.py raises nothing).
+            self.renderer.check(
+                item,
+                unsubscribe_url=self.builder.unsubscribe_urls(item.email)[0],
+                step=self.step,
+                index=preflight.valid,
+            )
             if preflight.sample is None:
-                preflight.sample, preflight.sample_recipient = data, item
+                preflight.sample, preflight.sample_recipient = self.wire_bytes(item), item
             preflight.valid += 1
         return preflight
 
     def wire_bytes(self, recipient: Recipient) -> bytes:
-        message = self.renderer.render(
-            recipient,
-            unsubscribe_url=self.builder.unsubscribe_urls(recipient.email)[0],
-            step=self.step,
-        )
+        message = self._render(recipient)
         return self.builder.build(
             message,
             message_id=self.builder.message_id(self.step, recipient.email),
             date=datetime.now(UTC),
+        )
+
+    def _render(self, recipient: Recipient) -> RenderedMessage:
+        return self.renderer.render(
+            recipient,
+            unsubscribe_url=self.builder.unsubscribe_urls(recipient.email)[0],
+            step=self.step,
         )
 
     def stop(self, reason: str, error: AppealMailerError | None = None) -> None:

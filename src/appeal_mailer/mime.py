@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import re
@@ -223,6 +224,8 @@ def encoded_words(text: str) -> list[str]:
     return words
 
 
+# A shared appeal is one text for every recipient (render.py): encoded once, not each time.
+@functools.lru_cache(maxsize=8)
 def body_part(text: str, subtype: str, *, force_encoding: bool) -> bytes:
     """Content headers, a blank line and the encoded body of one text part."""
     data = text.replace("\r\n", "\n").replace("\r", "\n")

@@ -10,7 +10,9 @@ the HTML body of a multipart/alternative message; it has no header block.
 
 from __future__ import annotations
 
+import functools
 import re
+import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -19,6 +21,7 @@ from types import TracebackType
 from typing import Any
 
 import jinja2
+from jinja2.filters import do_wordwrap
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from appeal_mailer import timezones
@@ -92,6 +95,97 @@ class _Environment(ImmutableSandboxedEnvironment):
         return super().getattr(obj, attribute)
 
 
+_UNKNOWN = object()
+
+
+class _PersonalValueUsed(Exception):
+    """A template used `recipient` or `unsubscribe_url` (see Renderer._render_shared)."""
+
+
+def _refuse(*_args: Any, **_kwargs: Any) -> Any:
+    raise _PersonalValueUsed
+
+
+# What a stand-in must still do to be passed around: exist, be looked up, be typed.
+_INERT = frozenset(
+    {
+        "__new__",
+        "__init__",
+        "__getattribute__",
+        "__init_subclass__",
+        "__subclasshook__",
+        "__class__",
+        "__setattr__",
+        "__delattr__",
+        "__dir__",
+        "__sizeof__",
+        "__reduce__",
+        "__reduce_ex__",
+        "__getstate__",
+    }
+)
+
+
+def _stand_in(base: type) -> type:
+    """A subclass of `base` (so type tests answer as for the real value) that raises on any use."""
+    refused = {
+        name: _refuse
+        for name in dir(base)
+        if name not in _INERT and callable(getattr(base, name, None))
+    }
+    return type(f"_Opaque{base.__name__.title()}", (base,), refused)
+
+
+_OpaqueStr = _stand_in(str)
+_OpaqueDict = _stand_in(dict)
+# Some C code reads a str's or dict's contents without calling any method (`"a" +
+# s`, str.join, json.dumps): the stand-ins hold this, and a probe whose output
+# contains it used a personal value.
+_MARKER = "amPersonal" + secrets.token_hex(16)
+# Rendered per recipient as well during the pre-flight pass, to check the shared
+# text: the first recipients, then one in this many.
+_CHECK_FIRST, _CHECK_EVERY = 20, 500
+
+
+# Distinct wrapped texts kept per run: the shared paragraphs of a campaign's
+# templates, with room to spare; personal ones come and go.
+_WRAP_CACHE = 512
+
+
+def _cached_wordwrap(environment: jinja2.Environment) -> Callable[..., str]:
+    """Jinja's `wordwrap` filter, remembering its recent results.
+
+    Every subscriber's message wraps the same paragraphs (the appeal's text is the
+    same for all), and wrapping (textwrap) was a quarter of a send's CPU. The filter
+    is a pure function of its arguments, so the same text wraps once per run; a
+    bounded cache keeps memory flat when paragraphs are personal.
+    """
+
+    @functools.lru_cache(maxsize=_WRAP_CACHE)
+    def wrap(
+        text: str,
+        width: int = 79,
+        break_long_words: bool = True,
+        wrapstring: str | None = None,
+        break_on_hyphens: bool = True,
+    ) -> str:
+        return do_wordwrap(
+            environment, text, width, break_long_words, wrapstring, break_on_hyphens
+        )
+
+    def wordwrap(
+        value: Any,
+        width: int = 79,
+        break_long_words: bool = True,
+        wrapstring: str | None = None,
+        break_on_hyphens: bool = True,
+    ) -> str:
+        # str(): a Markup and a str of the same text wrap alike (do_wordwrap returns str).
+        return wrap(str(value), width, break_long_words, wrapstring, break_on_hyphens)
+
+    return wordwrap
+
+
 class Renderer:
     """Renders one campaign step's template for each recipient; loaded once per run."""
 
@@ -126,9 +220,13 @@ class Renderer:
             local_time=timezones.local_time,
         )
         self._env.filters["local_time"] = timezones.local_time
+        self._env.filters["wordwrap"] = _cached_wordwrap(self._env)
         self._base_context = {"campaign": campaign, "sender": sender, "now": now}
         self._headers, self._text = self._load_text(directory)
         self._html = self._load_html(directory)
+        # (subject, text, html) when the message is the same for every recipient
+        # (see _render_shared); None when it is personal; _UNKNOWN until first asked.
+        self._shared: tuple[str, str, str | None] | object | None = _UNKNOWN
 
     @property
     def has_html(self) -> bool:
@@ -136,6 +234,11 @@ class Renderer:
 
     def render(self, recipient: Recipient, *, unsubscribe_url: str, step: str) -> RenderedMessage:
         """Render the message for `recipient`, or raise TemplateError naming its list line."""
+        if self._shared is _UNKNOWN:
+            self._shared = self._render_shared()
+        if isinstance(self._shared, tuple):
+            subject, text, html = self._shared
+            return RenderedMessage(recipient, step, subject, text, html)
         context = {
             **self._base_context,
             "recipient": self._recipient_context(recipient),
@@ -176,6 +279,62 @@ class Renderer:
             text=text,
             html=html,
         )
+
+    def _render_shared(self) -> tuple[str, str, str | None] | None:
+        """The message, if it is the same for every recipient; else None.
+
+        A forwardable appeal holds nothing personal, and rendering the same text for
+        each of 20,000 subscribers was most of a send's CPU. Whether a template is
+        personal cannot be read from its source (Jinja resolves every name a
+        template mentions, used or not, and a branch decides what is used), so it is
+        rendered once with stand-ins for the personal values (`recipient`,
+        `unsubscribe_url`) that raise on any use: reading, printing, comparing,
+        testing their length or truth. If the render succeeds, nothing in it
+        depended on them; `campaign`, `sender` and `now` are the same for the whole
+        run. `random` and `lipsum` would make the one text everyone's, so they count
+        as personal. Any failure (a personal value used, or an error that the
+        recipient's own render will then report with its line) means: render per
+        recipient.
+        """
+        context = {
+            **self._base_context,
+            "recipient": _OpaqueDict({_MARKER: _MARKER}),
+            "unsubscribe_url": _OpaqueStr(_MARKER),
+        }
+        saved_filter, saved_global = self._env.filters["random"], self._env.globals["lipsum"]
+        self._env.filters["random"] = self._env.globals["lipsum"] = _refuse
+        try:
+            subjects = [header.template.render(context).strip() for header in self._headers]
+            text = self._text.render(context)
+            html = None if self._html is None else self._html.render(context)
+        except Exception:  # any failure: render per recipient (see above)
+            return None
+        finally:
+            self._env.filters["random"], self._env.globals["lipsum"] = saved_filter, saved_global
+        subject = subjects[-1]
+        if any(_MARKER in part for part in (subject, text, html or "")):
+            return None
+        if not subject or _HEADER_UNSAFE.search(subject):
+            return None  # refused per recipient, with the recipient's line
+        return subject, text, html
+
+    def check(self, recipient: Recipient, *, unsubscribe_url: str, step: str, index: int) -> None:
+        """Pre-flight: render the `index`th recipient's message, or raise TemplateError.
+
+        When the message is shared, some recipients' messages are also rendered
+        on their own and compared with it: should one differ (a template that
+        used a personal value in a way the probe could not see), every message
+        is rendered per recipient from then on, before anything is sent.
+        """
+        shared = self.render(recipient, unsubscribe_url=unsubscribe_url, step=step)
+        if not isinstance(self._shared, tuple):
+            return
+        if index >= _CHECK_FIRST and index % _CHECK_EVERY:
+            return
+        self._shared, kept = None, self._shared
+        own = self.render(recipient, unsubscribe_url=unsubscribe_url, step=step)
+        if (own.subject, own.text, own.html) == (shared.subject, shared.text, shared.html):
+            self._shared = kept
 
     def _recipient_context(self, recipient: Recipient) -> dict[str, Any]:
         return {
