@@ -16,6 +16,11 @@ from GNU time(1) when installed, else wait4(2); CPU time from wait4(2)):
     scratch ledger, one .eml file per message: no network);
   - `smtp-source` sending as many messages of the same size over the same
     number of reused sessions: what this machine's loopback SMTP costs at best;
+  - for the appeal only, `mailmerge` 2.3.0 (PyPI), the popular Python mail-merge
+    CLI, sending the same list, with the same text, to the same smtp-sink: the
+    peer a Python user would pick. It runs from a venv of its own that this
+    script creates once and caches (~/.cache/appeal-mailer-bench/mailmerge-2.3.0),
+    so its dependencies never touch appeal-mailer's;
   - `appeal-mailer send LIST --yes` end to end (process start, list, render,
     wire format, ledger, SMTP), with a fresh ledger;
 
@@ -24,7 +29,8 @@ with --json). Every run is checked: the number of .eml files, the messages
 smtp-sink counted, and the ledger's counts must all equal N.
 
 Needs Postfix's test programs (Debian: `apt-get install -y postfix`) and
-appeal-mailer installed in this Python (`pip install -e .`). See bench/README.md.
+appeal-mailer installed in this Python (`pip install -e .`); mailmerge comes
+from PyPI by itself (or pass --skip-mailmerge). See bench/README.md.
 """
 
 from __future__ import annotations
@@ -33,6 +39,9 @@ import argparse
 import contextlib
 import csv
 import datetime as dt
+import email
+import email.policy
+import fcntl
 import json
 import os
 import platform
@@ -47,7 +56,7 @@ import tempfile
 import threading
 import time
 import tomllib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +68,11 @@ HOST = "127.0.0.1"
 SINK_READY_SECONDS = 15.0
 SINK_STOP_SECONDS = 5.0
 SOURCE_REPEATS = 3
+# The peer: the popular Python mail-merge CLI, at a pinned release, in a venv of its own.
+MAILMERGE_VERSION = "2.3.0"
+# The one template with a mailmerge counterpart (see mailmerge_inputs).
+MAILMERGE_TEMPLATE = "appeal"
+MAILMERGE_INSTALL_SECONDS = 600.0
 
 # -- the list ------------------------------------------------------------------------------------
 
@@ -371,6 +385,11 @@ class SmtpSink:
         counts = re.findall(rb"mesg=(\d+)", self._counters.read_bytes())
         return int(counts[-1]) if counts else 0
 
+    def sessions(self) -> int:
+        """SMTP sessions so far (the "sess=N" counter)."""
+        counts = re.findall(rb"sess=(\d+)", self._counters.read_bytes())
+        return int(counts[-1]) if counts else 0
+
     def received_after(self, before: int, expected: int) -> int:
         # The counters are written when a session ends; give the last one a moment.
         deadline = time.monotonic() + 2.0
@@ -423,6 +442,166 @@ def _tail(path: Path, lines: int = 15) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
 
 
+# -- mailmerge ------------------------------------------------------------------------------------
+
+
+def mailmerge_home() -> Path:
+    """Where the benchmark keeps mailmerge's venv between runs."""
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "appeal-mailer-bench" / f"mailmerge-{MAILMERGE_VERSION}"
+
+
+def isolated_env() -> dict[str, str]:
+    """child_env() for mailmerge's venv: nothing from the caller's Python may leak in.
+
+    No PYTHONUNBUFFERED either: mailmerge prints every message it sends, and a
+    user who redirects that output gets Python's default block buffering.
+    """
+    drop = {"PYTHONPATH", "PYTHONHOME", "PYTHONUNBUFFERED", "VIRTUAL_ENV"}
+    drop |= {"PIP_USER", "PIP_TARGET", "PIP_PREFIX"}
+    env = {k: v for k, v in child_env().items() if k not in drop}
+    env["PYTHONNOUSERSITE"] = "1"
+    return env
+
+
+def _mailmerge_version(executable: Path) -> str | None:
+    # click's --version prints "mailmerge, version 2.3.0".
+    try:
+        done = subprocess.run(
+            [str(executable), "--version"],
+            capture_output=True,
+            text=True,
+            env=isolated_env(),
+            timeout=60,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = re.search(r"version (\S+)", done.stdout)
+    return found.group(1) if done.returncode == 0 and found else None
+
+
+def install_mailmerge(home: Path, log: Path, say: Callable[[str], None]) -> Path:
+    """mailmerge==MAILMERGE_VERSION in a venv of its own at `home`: made once, then reused.
+
+    A venv cannot be moved once made, so it is built in place under a lock, and
+    a marker written last says it is complete; a half-made one is rebuilt.
+    When it cannot be made, says the installer's last lines and raises RuntimeError.
+    """
+    executable = home / "bin" / "mailmerge"
+    marker = home / ".appeal-mailer-bench-complete"
+    home.parent.mkdir(parents=True, exist_ok=True)
+    with (home.parent / f"{home.name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two benchmarks at once build it once
+        if marker.exists() and _mailmerge_version(executable) == MAILMERGE_VERSION:
+            return executable
+        shutil.rmtree(home, ignore_errors=True)
+        steps = [
+            [sys.executable, "-m", "venv", str(home)],
+            [
+                str(home / "bin" / "python"),
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                f"mailmerge=={MAILMERGE_VERSION}",
+            ],
+        ]
+        with log.open("wb") as output:
+            for step in steps:
+                say(f"  installing mailmerge {MAILMERGE_VERSION}: {' '.join(step)}")
+                output.write(f"$ {' '.join(step)}\n".encode())
+                output.flush()
+                try:
+                    done = subprocess.run(
+                        step,
+                        stdin=subprocess.DEVNULL,
+                        stdout=output,
+                        stderr=subprocess.STDOUT,
+                        env=isolated_env(),
+                        timeout=MAILMERGE_INSTALL_SECONDS,
+                        check=False,
+                    )
+                except (OSError, subprocess.SubprocessError) as exc:
+                    raise RuntimeError(f"{step[0]}: {exc}") from exc
+                if done.returncode != 0:
+                    say(f"  !! last lines of {log}:\n{_tail(log)}")
+                    what = "pip install" if "pip" in step else "python -m venv"
+                    raise RuntimeError(f"{what} failed (exit status {done.returncode})")
+        version = _mailmerge_version(executable)
+        if version != MAILMERGE_VERSION:
+            raise RuntimeError(f"{executable} --version says {version}, not {MAILMERGE_VERSION}")
+        marker.write_text(f"mailmerge=={MAILMERGE_VERSION}\n", encoding="utf-8")
+    return executable
+
+
+def _jinja_literal(text: str) -> str:
+    """`text` as Jinja2 template source that renders to exactly `text`."""
+    if not any(mark in text for mark in ("{{", "{%", "{#")):
+        return text
+    if "endraw" in text:
+        raise ValueError("the text holds Jinja2 markup that {% raw %} cannot quote")
+    return "{% raw %}" + text + "{% endraw %}"
+
+
+# Headers of appeal-mailer's appeal that are the same for every recipient; mailmerge's
+# template carries them word for word. To (personal) is {{name}} <{{email}}>; Date,
+# MIME-Version and Content-* are mailmerge's own; Message-ID it does not write.
+MAILMERGE_COPIED_HEADERS = (
+    "From",
+    "Reply-To",
+    "Subject",
+    "List-Id",
+    "List-Unsubscribe",
+    "List-Unsubscribe-Post",
+    "Precedence",
+)
+
+
+def mailmerge_inputs(messages: Sequence[bytes], template: Path, config: Path, port: int) -> None:
+    """Write mailmerge's template and server config from appeal-mailer's own messages.
+
+    `messages` are .eml files of appeal-mailer's dry run of the appeal (the
+    first and the last of the list). The appeal is the same for every reader
+    (only the To header names them), so its text is rendered once, by
+    appeal-mailer itself, and pasted into mailmerge's template as literal text,
+    with mailmerge's {{name}} and {{email}} where appeal-mailer personalizes.
+    Checked here: the messages really share that text and those headers.
+    """
+    if not messages:
+        raise ValueError("the dry run wrote no message to take the text from")
+    parsed = [email.message_from_bytes(raw, policy=email.policy.default) for raw in messages]
+    bodies = []
+    for message in parsed:
+        part = message.get_body(("plain",))
+        if part is None or message.is_multipart():
+            raise ValueError("the appeal is no longer one text/plain part")
+        bodies.append(part.get_content().replace("\r\n", "\n"))
+    if len(set(bodies)) != 1:
+        raise ValueError("the appeal's text differs between recipients: no longer one text")
+    headers: list[tuple[str, str]] = []
+    for name in MAILMERGE_COPIED_HEADERS:
+        values = {str(message.get(name, "")) for message in parsed}
+        if len(values) != 1:
+            raise ValueError(f"the appeal's {name} header differs between recipients")
+        if value := values.pop():
+            headers.append((name.upper() if name in {"From", "Subject"} else name, value))
+    lines = ["TO: {{name}} <{{email}}>"]
+    lines += [f"{name}: {_jinja_literal(value)}" for name, value in headers]
+    # Jinja2 drops a template's last newline: one more keeps the text's own.
+    text = "\n".join(lines) + "\n\n" + _jinja_literal(bodies[0]) + "\n"
+    template.write_text(text, encoding="utf-8")
+    # No `security` key: mailmerge 2.3 then connects in clear text, with no
+    # STARTTLS and no AUTH (its values SSL/TLS, STARTTLS, PLAIN and XOAUTH all
+    # log in, and ask for a password on the terminal). ratelimit = 0: unlimited.
+    config.write_text(
+        "# Written by bench/send_bench.py: smtp-sink on loopback; no TLS, AUTH or rate limit.\n"
+        f"[smtp_server]\nhost = {HOST}\nport = {port}\nratelimit = 0\n",
+        encoding="utf-8",
+    )
+
+
 # -- the runs ------------------------------------------------------------------------------------
 
 
@@ -436,9 +615,11 @@ class Row:
     max_rss_mib: float = 0.0
     cpu_seconds: float = 0.0
     vs_smtp_source: float | None = None
+    vs_mailmerge: float | None = None
     returncode: int = 0
     check: str = "ok"
     killed: bool = False
+    measured: bool = True  # False: the command never ran (its install failed)
     log: str = ""
     details: dict[str, Any] = field(default_factory=dict)
 
@@ -472,11 +653,15 @@ class Bench:
         self.rows: list[Row] = []
         self.timeout = args.run_timeout or 120 + 0.1 * args.recipients
         self.time_tool = gnu_time()
+        # The first and the last message of a template's dry run (mailmerge's template).
+        self.samples: dict[str, list[bytes]] = {}
 
     def say(self, text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
-    def run(self, row: Row, label: str, *, keep_row: bool = True) -> Row:
+    def run(
+        self, row: Row, label: str, *, keep_row: bool = True, env: dict[str, str] | None = None
+    ) -> Row:
         log = self.workdir / f"{label}.log"
         self.say(f"  {row.name}: {' '.join(row.command)}")
         row.details["load_average_before"] = round(os.getloadavg()[0], 2)
@@ -484,7 +669,7 @@ class Bench:
             measure(
                 row.command,
                 cwd=self.workdir,
-                env=self.env,
+                env=self.env if env is None else env,
                 timeout=self.timeout,
                 log=log,
                 time_tool=self.time_tool,
@@ -515,11 +700,13 @@ class Bench:
         row = self.run(
             Row(f"dry-run {template}", command, self.args.recipients), f"dry-{template}"
         )
-        files = list(out.glob("*.eml")) if out.is_dir() else []
+        files = sorted(out.glob("*.eml")) if out.is_dir() else []
         sizes = [path.stat().st_size for path in files]
         row.details |= {"eml_files": len(files), "mean_message_bytes": _mean(sizes)}
         if row.check == "ok" and len(files) != self.args.recipients:
             row.fail(f"{len(files)} .eml files, expected {self.args.recipients}")
+        if files:
+            self.samples[template] = [files[0].read_bytes(), files[-1].read_bytes()]
         if not self.args.keep:
             shutil.rmtree(out, ignore_errors=True)
         return row, int(_mean(sizes)) or 5000
@@ -564,6 +751,81 @@ class Bench:
         self.rows.append(best)
         return best
 
+    def install_mailmerge(self) -> Path | str:
+        """mailmerge's executable, or why it could not be installed."""
+        try:
+            executable = install_mailmerge(
+                mailmerge_home(), self.workdir / "mailmerge-install.log", self.say
+            )
+        except (RuntimeError, OSError) as exc:
+            self.say(f"  !! mailmerge {MAILMERGE_VERSION} could not be installed: {exc}")
+            return f"mailmerge {MAILMERGE_VERSION} not installed: {str(exc).splitlines()[0]}"
+        self.say(f"mailmerge {MAILMERGE_VERSION}: {executable}")
+        return executable
+
+    def mailmerge(self, sink: SmtpSink, executable: Path | str, template: str) -> Row:
+        """mailmerge sending the list, with appeal-mailer's text, to smtp-sink.
+
+        `executable` is a string when mailmerge could not be installed: the row
+        then says so, and fails.
+        """
+        n = self.args.recipients
+        if isinstance(executable, str):
+            row = Row(f"mailmerge {template}", ["mailmerge"], n, measured=False)
+            row.fail(executable)
+            self.rows.append(row)
+            return row
+        mm_template = self.workdir / f"mailmerge-{template}.txt"
+        mm_config = self.workdir / "mailmerge_server.conf"
+        command = [
+            str(executable),
+            "--template",
+            str(mm_template),
+            "--database",
+            str(self.list_path),
+            "--config",
+            str(mm_config),
+            "--no-limit",
+            "--no-dry-run",
+        ]
+        row = Row(f"mailmerge {template}", command, n)
+        try:
+            mailmerge_inputs(self.samples.get(template, []), mm_template, mm_config, sink.port)
+        except ValueError as exc:
+            # No dry-run messages (it failed), or the appeal stopped being one text for all.
+            row.measured = False
+            row.fail(f"no mailmerge template: {exc}")
+            self.say(f"  !! {row.name}: {row.check}")
+            self.rows.append(row)
+            return row
+        # Untimed: the size of one message as mailmerge puts it on the wire.
+        sample = [*command[:-2], "--dry-run", "--limit", "1", "--output-format", "raw"]
+        assert command[-2:] == ["--no-limit", "--no-dry-run"]
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            printed = subprocess.run(
+                sample,
+                cwd=self.workdir,
+                env=isolated_env(),
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=self.timeout,
+                check=False,
+            ).stdout
+            # It prints ">>> message 1", the message as it sends it, ">>> message 1 sent".
+            found = re.search(rb">>> message 1\n(.*?)\n>>> message 1 sent", printed, re.S)
+            if found:
+                row.details["message_bytes"] = len(found.group(1).replace(b"\n", b"\r\n"))
+        before, sessions = sink.received(), sink.sessions()
+        self.run(row, f"mailmerge-{template}", env=isolated_env())
+        got = sink.received_after(before, n)
+        row.details |= {
+            "smtp_sink_received": got,
+            "smtp_sink_sessions": sink.sessions() - sessions,
+        }
+        if row.check == "ok" and got != n:
+            row.fail(f"smtp-sink received {got}, expected {n}")
+        return row
+
     def send(self, sink: SmtpSink, template: str) -> Row:
         n = self.args.recipients
         for suffix in ("", "-wal", "-shm", "-journal"):
@@ -578,11 +840,15 @@ class Bench:
             template,
             "--yes",
         ]
-        before = sink.received()
+        before, sessions = sink.received(), sink.sessions()
         row = self.run(Row(f"send {template}", command, n), f"send-{template}")
         got = sink.received_after(before, n)
         counts = self.ledger_counts()
-        row.details |= {"smtp_sink_received": got, "ledger_counts": counts}
+        row.details |= {
+            "smtp_sink_received": got,
+            "smtp_sink_sessions": sink.sessions() - sessions,
+            "ledger_counts": counts,
+        }
         problems = []
         if got != n:
             problems.append(f"smtp-sink received {got}")
@@ -616,18 +882,32 @@ class Bench:
         write_list(self.list_path, args.recipients, args.seed)
         port = free_port()
         write_config(self.config, port=port, connections=args.connections, ledger=self.ledger)
-        runs = len(args.template) * (2 if args.skip_smtp_source else 2 + SOURCE_REPEATS)
+        # Installed (or found in the cache) before anything is timed.
+        mailmerge: Path | str | None = None
+        if args.skip_mailmerge:
+            pass
+        elif MAILMERGE_TEMPLATE not in args.template:
+            self.say(f"no mailmerge row: it sends only the {MAILMERGE_TEMPLATE} template")
+        else:
+            mailmerge = self.install_mailmerge()
+        runs = len(args.template) * (2 if args.skip_smtp_source else 2 + SOURCE_REPEATS) + 2
         with SmtpSink(port, self.workdir, lifetime=self.timeout * runs + 60) as sink:
             self.say(f"smtp-sink listening on {HOST}:{port}")
             for template in args.template:
                 dry, size = self.dry_run(template)
                 source = None if args.skip_smtp_source else self.smtp_source(sink, template, size)
+                peer = None
+                if mailmerge is not None and template == MAILMERGE_TEMPLATE:
+                    peer = self.mailmerge(sink, mailmerge, template)
                 send = self.send(sink, template)
                 if source is not None and source.check == "ok":
-                    for row in (dry, send):
-                        if row.check != "ok":
+                    for row in (dry, peer, send):
+                        if row is None or row.check != "ok":
                             continue
                         row.vs_smtp_source = row.messages_per_second / source.messages_per_second
+                # A dry run sends nothing: only the real send is set against mailmerge's.
+                if peer is not None and peer.check == "ok" and send.check == "ok":
+                    send.vs_mailmerge = send.messages_per_second / peer.messages_per_second
             if args.profile is not None:
                 self.profile(args.template[0], args.profile)
 
@@ -711,7 +991,8 @@ def machine() -> dict[str, Any]:
     postconf = shutil.which("postconf") or "/usr/sbin/postconf"
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         postfix = subprocess.run(
-            [postconf, "-h", "mail_version"],
+            # -d: the compiled-in value, which needs no main.cf (Debian's "No configuration").
+            [postconf, "-d", "-h", "mail_version"],
             capture_output=True,
             text=True,
             timeout=10,
@@ -726,34 +1007,55 @@ def machine() -> dict[str, Any]:
 
 
 def table(rows: list[Row]) -> str:
-    header = ("run", "msgs/s", "seconds", "peak RSS MiB", "CPU s", "vs smtp-source", "check")
-    body = [
+    def ratio(value: float | None) -> str:
+        return "" if value is None else f"{value:.3f}"
+
+    columns: list[tuple[str, bool, Any]] = [
+        ("run", False, lambda row: row.name),
         (
-            row.name,
-            f"{row.messages_per_second:,.0f}" if row.check == "ok" else "-",
-            f"{row.seconds:.2f}",
-            # A killed run's figures are those of time(1), not of the command.
-            "-" if row.killed else f"{row.max_rss_mib:.1f}",
-            "-" if row.killed else f"{row.cpu_seconds:.2f}",
-            "" if row.vs_smtp_source is None else f"{row.vs_smtp_source:.3f}",
-            row.check,
-        )
-        for row in rows
+            "msgs/s",
+            True,
+            lambda row: f"{row.messages_per_second:,.0f}" if row.check == "ok" else "-",
+        ),
+        ("seconds", True, lambda row: f"{row.seconds:.2f}" if row.measured else "-"),
+        # A killed run's figures are those of time(1), not of the command.
+        (
+            "peak RSS MiB",
+            True,
+            lambda row: f"{row.max_rss_mib:.1f}" if row.measured and not row.killed else "-",
+        ),
+        (
+            "CPU s",
+            True,
+            lambda row: f"{row.cpu_seconds:.2f}" if row.measured and not row.killed else "-",
+        ),
+        ("vs mailmerge", True, lambda row: ratio(row.vs_mailmerge)),
+        ("vs smtp-source", True, lambda row: ratio(row.vs_smtp_source)),
+        ("check", False, lambda row: row.check),
     ]
+    # A ratio column with nothing in it (--skip-mailmerge, --skip-smtp-source) is left out.
+    columns = [
+        column
+        for column in columns
+        if not column[0].startswith("vs ") or any(column[2](row) for row in rows)
+    ]
+    header = [name for name, _right, _cell in columns]
+    body = [[cell(row) for _name, _right, cell in columns] for row in rows]
     widths = [max(len(line[i]) for line in (header, *body)) for i in range(len(header))]
-    right = {1, 2, 3, 4, 5}
+    right = [flush for _name, flush, _cell in columns]
 
     def fmt(line: Sequence[str]) -> str:
         cells = [
-            c.rjust(w) if i in right else c.ljust(w)
-            for i, (c, w) in enumerate(zip(line, widths, strict=True))
+            c.rjust(w) if flush else c.ljust(w)
+            for c, w, flush in zip(line, widths, right, strict=True)
         ]
         return "| " + " | ".join(cells) + " |"
 
     rule = (
         "|"
         + "|".join(
-            ("-" * (w + 1) + ":") if i in right else "-" * (w + 2) for i, w in enumerate(widths)
+            ("-" * (w + 1) + ":") if flush else "-" * (w + 2)
+            for w, flush in zip(widths, right, strict=True)
         )
         + "|"
     )
@@ -762,8 +1064,11 @@ def table(rows: list[Row]) -> str:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Benchmark `appeal-mailer send` against Postfix's smtp-sink on loopback.",
-        epilog="Needs Postfix's smtp-sink and smtp-source (Debian: apt-get install -y postfix).",
+        description="Benchmark `appeal-mailer send` against Postfix's smtp-sink on loopback, "
+        f"side by side with Postfix's smtp-source and mailmerge {MAILMERGE_VERSION}.",
+        epilog="Needs Postfix's smtp-sink and smtp-source (Debian: apt-get install -y postfix). "
+        f"mailmerge {MAILMERGE_VERSION} is installed from PyPI into a venv of its own, "
+        f"cached in {mailmerge_home()}.",
     )
     parser.add_argument("--recipients", type=int, default=2000, help="list length [2000]")
     parser.add_argument(
@@ -775,6 +1080,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="template to measure; repeat for several [appeal, then protest]",
     )
     parser.add_argument("--skip-smtp-source", action="store_true", help="no smtp-source rows")
+    parser.add_argument(
+        "--skip-mailmerge",
+        action="store_true",
+        help=f"no mailmerge {MAILMERGE_VERSION} row (nothing installed from PyPI)",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     parser.add_argument("--seed", type=int, default=2003, help="seed of the fictional list")
     parser.add_argument(
