@@ -566,3 +566,22 @@ def test_first_rows_are_yielded_before_the_end_of_the_file_is_read(tmp_path: Pat
         for _ in stream:
             pass
     assert excinfo.value.line == 20_002
+
+
+def test_duplicates_are_found_after_the_addresses_move_to_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past _IN_MEMORY addresses the rest are remembered on disk, and duplicates still are found.
+
+    With room for 3 in memory, a list of 8 has duplicates of an address read
+    before the move (a@) and of one read after it (f@): each names its first line.
+    """
+    monkeypatch.setattr("appeal_mailer.lists._IN_MEMORY", 3)
+    rows = ["a", "b", "c", "d", "a", "f", "F", "g"]
+    path = write_text(tmp_path, "email\n" + "".join(f"{r}@example.org\n" for r in rows))
+    items = read_all(path)
+    assert [i.email for i in items if isinstance(i, Recipient)] == [
+        f"{r}@example.org" for r in ("a", "b", "c", "d", "f", "g")
+    ]
+    skipped = [(i.line, i.duplicate_of) for i in items if isinstance(i, SkippedRow)]
+    assert skipped == [(6, 2), (8, 7)]

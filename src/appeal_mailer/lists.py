@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import itertools
 import re
+import sqlite3
 import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -31,6 +33,8 @@ _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _CONTROL_IN_BODY = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 _LANGUAGE = re.compile(r"^[a-z]{2,3}(?:-[a-z0-9]{1,8})*$")
 _FIELD_SIZE_LIMIT = 64 * 1024
+# Addresses remembered in memory before the rest go to disk (see _SeenAddresses).
+_IN_MEMORY = 50_000
 
 
 def read_recipients(path: Path) -> Iterator[Recipient | SkippedRow]:
@@ -48,23 +52,71 @@ def read_recipients(path: Path) -> Iterator[Recipient | SkippedRow]:
         reader = csv.reader(lines, strict=True)
         csv.field_size_limit(_FIELD_SIZE_LIMIT)
         header = _read_header(reader, path)
-        seen: dict[str, int] = {}
-        for start, row in _rows(reader, path):
-            item = _recipient(header, row, start)
-            if isinstance(item, Recipient):
-                key = item.email.lower()
-                first = seen.get(key)
-                if first is not None:
-                    item = SkippedRow(
-                        start,
-                        f"duplicate of line {first}",
-                        field="email",
-                        email=item.email,
-                        duplicate_of=first,
-                    )
-                else:
-                    seen[key] = start
-            yield item
+        with contextlib.closing(_SeenAddresses()) as seen:
+            for start, row in _rows(reader, path):
+                item = _recipient(header, row, start)
+                if isinstance(item, Recipient):
+                    first = seen.first_line(item.email.lower(), start)
+                    if first is not None:
+                        item = SkippedRow(
+                            start,
+                            f"duplicate of line {first}",
+                            field="email",
+                            email=item.email,
+                            duplicate_of=first,
+                        )
+                yield item
+
+
+class _SeenAddresses:
+    """The addresses read so far, each with its line: in memory up to a point, then on disk.
+
+    Mailing duplicates once means remembering every address of the list; in a
+    dict that is about 100 bytes each, 100 MB for a 1,000,000-row list. Up to
+    _IN_MEMORY addresses (a few MB) stay in a dict, which costs nothing per row;
+    past that they move to SQLite's private temporary database (deleted on close),
+    on disk behind a bounded page cache, so memory stays flat whatever the list's
+    length. It is scratch space for one read of one list, not the ledger
+    (ledger.py), and no smaller library offers an on-disk set (`dbm.dumb` keeps
+    its index in memory).
+    """
+
+    def __init__(self) -> None:
+        self._memory: dict[str, int] | None = {}
+        self._db: sqlite3.Connection | None = None
+
+    def first_line(self, email: str, line: int) -> int | None:
+        """None if `email` is new (now remembered at `line`), else the line it was first on."""
+        if self._memory is not None:
+            first = self._memory.setdefault(email, line)
+            if first != line:
+                return first
+            if len(self._memory) >= _IN_MEMORY:
+                self._spill(self._memory)
+                self._memory = None
+            return None
+        assert self._db is not None  # noqa: S101  # _spill made it
+        added = self._db.execute(
+            "INSERT INTO seen VALUES (?, ?) ON CONFLICT (email) DO NOTHING", (email, line)
+        )
+        if added.rowcount == 1:
+            return None
+        (first,) = self._db.execute("SELECT line FROM seen WHERE email = ?", (email,)).fetchone()
+        return int(first)
+
+    def _spill(self, addresses: dict[str, int]) -> None:
+        # "": a private temporary database on disk (https://www.sqlite.org/inmemorydb.html).
+        self._db = sqlite3.connect("", isolation_level=None)
+        # Scratch data: no journal, no flush; lost with the process, as it should be.
+        self._db.execute("PRAGMA journal_mode=OFF")
+        self._db.execute("PRAGMA synchronous=OFF")
+        self._db.execute("CREATE TABLE seen (email TEXT PRIMARY KEY, line INTEGER) WITHOUT ROWID")
+        self._db.execute("BEGIN")
+        self._db.executemany("INSERT INTO seen VALUES (?, ?)", addresses.items())
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
 
 
 def normalize_address(text: str) -> str:
