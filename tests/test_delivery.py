@@ -22,6 +22,7 @@ import pytest
 from click.testing import Result
 
 from appeal_mailer.config import SendingSettings, SmtpSettings
+from appeal_mailer.errors import LedgerError
 from appeal_mailer.ledger import Ledger
 from appeal_mailer.models import Envelope, State
 from appeal_mailer.ratelimit import RateLimiter
@@ -751,3 +752,44 @@ def test_rerunning_a_finished_campaign_sends_nothing(
     assert len(smtp_server.messages) == 5
     assert sum(smtp_server.rcpt_attempts.values()) == 5
     assert status(run_cli)["counts"] == {"sent": 5}
+
+
+def test_after_a_failed_commit_nothing_more_is_written_and_the_bound_holds(
+    run_cli: CliRun,
+    write_config: ConfigWriter,
+    write_list: ListWriter,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """A ledger commit that fails stops the run, and no later claim is committed.
+
+    The failed commit's results stay `sending` (their fate is not durable); a
+    claim committed after them would hold places that those rows still hold, so
+    a crash could leave more than 2 x connections rows unknown. The run stops
+    with the ledger error, and the next run finds at most that many rows unknown.
+    """
+    connections = 2
+    config = write_config(smtp={"connections": connections}, sending={"rate": 0})
+    write_group = Ledger.write_group
+    calls: list[str] = []
+
+    def failing(self: Ledger, *args: Any, **kwargs: Any) -> tuple[list[int], list[int]]:
+        results = args[0] if args else ()
+        if results and "failed" not in calls and len(calls) >= 6:
+            calls.append("failed")
+            raise LedgerError("disk I/O error", location=self.location)
+        calls.append("written")
+        return write_group(self, *args, **kwargs)
+
+    monkeypatch.setattr(Ledger, "write_group", failing)
+    result = send(run_cli, write_list(people(60)), config)
+    assert result.exit_code != EXIT_OK
+    assert "disk I/O error" in result.output
+    assert "failed" in calls
+    assert calls[calls.index("failed") + 1 :] == []
+    monkeypatch.setattr(Ledger, "write_group", write_group)
+    with contextlib.closing(sqlite3.connect(tmp_path / "ledger.db")) as db:
+        (sending,) = db.execute(
+            "SELECT count(*) FROM deliveries WHERE state = 'sending'"
+        ).fetchone()
+    assert 1 <= sending <= 2 * connections

@@ -21,7 +21,7 @@ from typing import Any, Protocol, TypeVar
 
 from appeal_mailer.bounces import mailbox_gone
 from appeal_mailer.config import Settings
-from appeal_mailer.errors import AppealMailerError, ServerError
+from appeal_mailer.errors import AppealMailerError, LedgerError, ServerError
 from appeal_mailer.ledger import HEARTBEAT, DueScope, Ledger, timestamp
 from appeal_mailer.lists import read_recipients
 from appeal_mailer.mime import MessageBuilder
@@ -141,14 +141,21 @@ class _GroupCommit:
     in order: a prefix of the requests, never a later one without an earlier.
     """
 
-    def __init__(self, write: Callable[[_Results, list[tuple[str, str]], list[int]], Any]) -> None:
+    def __init__(
+        self, write: Callable[[_Results, list[tuple[str, str]], list[int]], Any], location: str
+    ) -> None:
         # `write(results, bounced, claim)` returns an awaitable of (claimed, suppressed).
         self._write = write
+        self._location = location  # the ledger's, for errors
         self._results: _Results = []
         self._bounced: list[tuple[str, str]] = []
         self._claims: list[int] = []
         self._waiting: list[asyncio.Future[Claims]] = []
         self._writer: asyncio.Task[None] | None = None
+        # Set by the first commit that fails: nothing after it is written (the run
+        # stops), or a claim could commit while the failed results' rows are still
+        # `sending`, and a crash then would leave more rows unknown than the bound.
+        self._failed: Exception | None = None
 
     def claim(self, row_ids: list[int]) -> asyncio.Future[Claims]:
         """Claim `row_ids`: resolves to all the ids claimed and suppressed by the commit."""
@@ -163,6 +170,9 @@ class _GroupCommit:
 
     def _request(self) -> asyncio.Future[Claims]:
         done: asyncio.Future[Claims] = asyncio.get_running_loop().create_future()
+        if self._failed is not None:
+            done.set_exception(self._failed)
+            return done
         self._waiting.append(done)
         if self._writer is None:
             self._writer = asyncio.create_task(self._drain())
@@ -180,8 +190,11 @@ class _GroupCommit:
                 bounced, self._bounced = self._bounced, []
                 claims, self._claims = self._claims, []
                 try:
+                    if self._failed is not None:
+                        raise self._failed
                     outcome = await self._write(results, bounced, claims)
                 except Exception as exc:  # each waiter decides what a failure means
+                    self._failed = self._failed or exc
                     for future in waiting:
                         if not future.done():
                             future.set_exception(exc)
@@ -191,9 +204,13 @@ class _GroupCommit:
                         future.set_result(outcome)
         finally:
             self._writer = None
-            # Cancelled (the run is being torn down): nobody may wait forever.
+            # Torn down (cancelled): nobody may wait forever, and every waiter's
+            # `except AppealMailerError` treats this as the failed commit it is.
             for future in waiting + self._waiting:
-                future.cancel()
+                if not future.done():
+                    future.set_exception(
+                        LedgerError("the run ended before this commit", location=self._location)
+                    )
 
 
 class CampaignRun:
@@ -412,7 +429,8 @@ class CampaignRun:
                 functools.partial(
                     self.ledger.write_group, results, bounced, claim=claims, run_id=run_id
                 )
-            )
+            ),
+            self.ledger.location,
         )
 
         async def claim() -> None:
@@ -426,6 +444,9 @@ class CampaignRun:
                     if self._stop.is_set():
                         continue  # drained, not claimed: it stays due for the next run
                     await free.acquire()
+                    if self._stop.is_set():  # stopped while waiting for a place
+                        free.release()
+                        continue
                     batch = [first]
                     # Group the claims of workers free at the same time into one commit.
                     while len(batch) < _CLAIM_BATCH and not feed.empty() and not free.locked():

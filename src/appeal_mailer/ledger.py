@@ -778,8 +778,12 @@ class Ledger:
                     raw.rollback()
                 raise
             finally:
-                cursor.close()
+                with contextlib.suppress(driver_error):
+                    cursor.close()
         except driver_error as exc:
+            # The connection may be dead (a server restart, a dropped socket): discard
+            # it rather than give it back to the pool; the next call opens a new one.
+            raw.invalidate(exc)
             raise LedgerError(_first_line(exc), location=self.location) from exc
         finally:
             raw.close()  # back to the pool
