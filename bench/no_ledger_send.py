@@ -9,9 +9,11 @@ one fresh process, with appeal-mailer's own parts:
   - the config, loaded by `load_settings` (the same file as the real send);
   - the pre-flight pass, `CampaignRun.prepare()`: the list read and every
     message rendered once before the first is sent;
-  - the list read again (as `Ledger.load` reads it), and each recipient's
-    message rendered again by `CampaignRun.wire_bytes` (Renderer +
-    MessageBuilder) just before it is sent, as the real pipeline does;
+  - the checked recipients read back from the pre-flight pass's temporary
+    file (`Preflight.recipients()`, as the real run loads them into the
+    ledger), and each recipient's message built again by
+    `CampaignRun.wire_bytes` (Renderer + MessageBuilder) just before it is
+    sent, as the real pipeline does;
   - `SMTPTransport` with `RateLimiter(rate, domain_limits)` from the config
     (`rate = 0` in the benchmark's config), the same number of concurrent
     workers as `[smtp] connections`, and the same attempts per message.
@@ -36,16 +38,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from appeal_mailer.campaign import CampaignRun
+from appeal_mailer.campaign import CampaignRun, Preflight
 from appeal_mailer.config import Settings, load_settings
-from appeal_mailer.lists import read_recipients
-from appeal_mailer.models import Envelope, Recipient, State
+from appeal_mailer.models import Envelope, State
 from appeal_mailer.ratelimit import RateLimiter
 from appeal_mailer.transport import SMTPTransport
 
 
 async def deliver_all(
-    run: CampaignRun, transport: SMTPTransport, settings: Settings, list_path: Path
+    run: CampaignRun, transport: SMTPTransport, settings: Settings, preflight: Preflight
 ) -> collections.Counter[State]:
     """Render each recipient's message and send it over `connections` concurrent workers."""
     connections = transport.connections
@@ -59,9 +60,7 @@ async def deliver_all(
     async def produce() -> None:
         row_id = 0
         try:
-            for item in read_recipients(list_path):
-                if not isinstance(item, Recipient):
-                    continue
+            for item in preflight.recipients():
                 row_id += 1
                 envelope = Envelope(
                     row_id,
@@ -112,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The real pipeline paces each limited domain's first attempts in its own lane.
         parser.error("per-domain limits are not modelled by this baseline")
     preflight = run.prepare()
-    states = asyncio.run(deliver_all(run, transport, settings, args.list_path))
+    states = asyncio.run(deliver_all(run, transport, settings, preflight))
     sent = states[State.SENT]
     others = {str(state): count for state, count in states.items() if state is not State.SENT}
     print(f"no ledger: {preflight.valid} valid, {sent} sent, others {others}")

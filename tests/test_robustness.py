@@ -278,3 +278,42 @@ def test_a_deferred_row_is_not_retried_before_it_is_due(
     [row] = [r for r in status["recipients"] if r["email"] == busy]
     assert row["state"] == "deferred"
     assert row["attempts"] == 1
+
+
+def test_a_run_sends_to_the_list_as_it_was_checked_even_if_the_file_changes(
+    config_file: Path, write_list: ListWriter, smtp_server: RecordingServer
+) -> None:
+    """The pre-flight pass keeps the recipients it checked; the run sends to exactly those.
+
+    The list file is rewritten between the check (and the moderator's "yes") and
+    the sending: an address added afterwards was never checked and gets nothing,
+    and the corrected name is not used either (the check saw the old one).
+    """
+    settings = load_settings(config_file)
+    list_path = write_list(
+        [{"email": "anna@example.org", "name": "Anna"}, {"email": "boris@example.org"}]
+    )
+    ledger = Ledger.open(settings.ledger_url)
+    limiter = RateLimiter(0, {})
+    run = CampaignRun(
+        settings,
+        ledger,
+        SMTPTransport(settings.smtp, settings.sending, limiter),
+        template="protest",
+        list_path=list_path,
+        pace=limiter,
+    )
+    try:
+        preflight = run.prepare()
+        list_path.write_text(
+            "email,name\nanna@example.org,Hanna\nboris@example.org,\nzoe@example.org,Zoe\n",
+            encoding="utf-8",
+        )
+        report = asyncio.run(run.run(preflight))
+    finally:
+        ledger.close()
+    assert report.sent == 2
+    assert sorted(smtp_server.recipients()) == ["anna@example.org", "boris@example.org"]
+    anna = smtp_server.received_for("anna@example.org")[0].data.decode()
+    assert "Anna" in anna
+    assert "Hanna" not in anna

@@ -12,12 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import tempfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import IO, Any, Protocol, TypeVar
 
 from appeal_mailer.bounces import mailbox_gone
 from appeal_mailer.config import Settings
@@ -66,6 +67,26 @@ class Preflight:
     skipped_count: int = 0
     sample: bytes | None = None
     sample_recipient: Recipient | None = None
+    # The recipients checked, in list order, in a temporary file (memory stays flat):
+    # the run sends to exactly these, even if the list file changes meanwhile, and
+    # does not parse and validate the list a second time.
+    checked: IO[bytes] = field(default_factory=tempfile.TemporaryFile)
+
+    def keep(self, recipient: Recipient) -> None:
+        # One line each: address, list line, data; JSON escapes any tab or line break.
+        self.checked.write(
+            f"{recipient.email}\t{recipient.line}\t{recipient.data_json()}\n".encode()
+        )
+
+    def recipients(self) -> Iterator[Recipient]:
+        """The checked recipients, read back from the start."""
+        self.checked.seek(0)
+        for raw in self.checked:
+            email, line, data = raw.decode().rstrip("\n").split("\t", 2)
+            yield Recipient.from_data_json(email, int(line), data)
+
+    def close(self) -> None:
+        self.checked.close()
 
 
 @dataclass
@@ -281,6 +302,14 @@ class CampaignRun:
         subscriber stops here, naming that subscriber's line.
         """
         preflight = Preflight(list_path=self.list_path)
+        try:
+            self._check(preflight)
+        except BaseException:
+            preflight.close()
+            raise
+        return preflight
+
+    def _check(self, preflight: Preflight) -> None:
         for item in read_recipients(self.list_path):
             if isinstance(item, SkippedRow):
                 preflight.skipped_count += 1
@@ -297,8 +326,8 @@ class CampaignRun:
             )
             if preflight.sample is None:
                 preflight.sample, preflight.sample_recipient = self.wire_bytes(item), item
+            preflight.keep(item)
             preflight.valid += 1
-        return preflight
 
     def wire_bytes(self, recipient: Recipient) -> bytes:
         message = self._render(recipient)
@@ -334,7 +363,7 @@ class CampaignRun:
             self.ledger.recover_interrupted, campaign, self.step
         )
         report.new_rows = await self._db(
-            self.ledger.load, campaign, self.step, run_id, self._recipients_with_ids()
+            self.ledger.load, campaign, self.step, run_id, self._with_ids(preflight)
         )
         if self.resend_unknown:
             report.requeued_unknown = await self._db(
@@ -350,6 +379,7 @@ class CampaignRun:
             report.counts = await self._db(self.ledger.counts, campaign, self.step)
             await self._db(self.ledger.finish_run, run_id, report.summary())
             self._executor.shutdown(wait=True)
+            preflight.close()
         return report
 
     async def _heartbeat(self, run_id: int) -> None:
@@ -358,10 +388,9 @@ class CampaignRun:
             with contextlib.suppress(AppealMailerError):  # a missed beat is not fatal
                 await self._db(self.ledger.heartbeat, run_id)
 
-    def _recipients_with_ids(self) -> Iterator[tuple[Recipient, str]]:
-        for item in read_recipients(self.list_path):
-            if isinstance(item, Recipient):
-                yield item, self.builder.message_id(self.step, item.email)
+    def _with_ids(self, preflight: Preflight) -> Iterator[tuple[Recipient, str]]:
+        for recipient in preflight.recipients():
+            yield recipient, self.builder.message_id(self.step, recipient.email)
 
     async def _deliver(self, run_id: int, report: RunReport, progress: Progress | None) -> None:
         campaign = self.settings.campaign.id

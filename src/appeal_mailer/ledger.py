@@ -18,7 +18,6 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any, Literal
 
 import sqlalchemy as sa
@@ -302,7 +301,7 @@ class Ledger:
                     "campaign": campaign,
                     "email": r.email,
                     "line": r.line,
-                    "data": _recipient_json(r),
+                    "data": r.data_json(),
                     "seen_run": run_id,
                 }
                 for r, _ in batch
@@ -443,7 +442,7 @@ class Ledger:
         return [
             DueRow(
                 row_id=row.id,
-                recipient=_recipient_from(row.email, row.line, row.data),
+                recipient=Recipient.from_data_json(row.email, row.line, row.data),
                 message_id=row.message_id,
                 attempts=row.attempts,
             )
@@ -1224,33 +1223,6 @@ def _redact(url: str) -> str:
 
 def _first_line(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-
-
-def _recipient_json(recipient: Recipient) -> str:
-    return json.dumps(
-        {
-            "name": recipient.name,
-            "organization": recipient.organization,
-            "language": recipient.language,
-            "timezone": recipient.timezone,
-            "fields": dict(recipient.fields),
-        },
-        ensure_ascii=False,
-        separators=(",", ":"),
-    )
-
-
-def _recipient_from(email: str, line: int, data: str) -> Recipient:
-    values = json.loads(data)
-    return Recipient(
-        email=email,
-        line=line,
-        name=values["name"],
-        organization=values["organization"],
-        language=values["language"],
-        timezone=values["timezone"],
-        fields=MappingProxyType(values["fields"]),
-    )
 
 
 def _batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -47,6 +48,33 @@ class Recipient:
     @property
     def domain(self) -> str:
         return self.email.rpartition("@")[2]
+
+    def data_json(self) -> str:
+        """Everything but the address and line, as JSON: how the ledger and the spool keep it."""
+        return json.dumps(
+            {
+                "name": self.name,
+                "organization": self.organization,
+                "language": self.language,
+                "timezone": self.timezone,
+                "fields": dict(self.fields),
+            },
+            ensure_ascii=False,
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def from_data_json(cls, email: str, line: int, data: str) -> Recipient:
+        values = json.loads(data)
+        return cls(
+            email=email,
+            line=line,
+            name=values["name"],
+            organization=values["organization"],
+            language=values["language"],
+            timezone=values["timezone"],
+            fields=MappingProxyType(values["fields"]),
+        )
 
 
 @dataclass(frozen=True, slots=True)
