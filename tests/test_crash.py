@@ -359,13 +359,16 @@ def test_kill_9_while_the_ledger_is_written_leaves_a_ledger_that_opens(  # noqa:
     list, each claim) is all or nothing, and that none leaves a state or a lock
     that keeps the next run from opening the ledger and sending the rest once.
     """
-    people = _people(1000)
+    # Six batches of the list's load (ledger._BATCH = 500): room for a kill between two.
+    people = _people(3000)
     emails = [p["email"] for p in people]
     # "crash" durability (synchronous=NORMAL in WAL mode) must also survive a killed process.
     # (SQLite's setting; on PostgreSQL the server's own commit settings apply.)
     config = write_config(
         smtp={"connections": CONNECTIONS},
-        sending={"rate": 0, **FAST_RETRIES},
+        # Paced, so that no run can send the whole list before the kill meant for it
+        # (a "start" kill waits up to 1.5 s): at 500 a second the list takes 6 s.
+        sending={"rate": 500, **FAST_RETRIES},
         ledger=ledger_view.config(durability="crash"),
     )
     mailer = Mailer(config, write_list(people), tmp_path, children, ledger_view)
