@@ -31,7 +31,7 @@ from appeal_mailer.models import DeliveryResult, Recipient, State
 
 # The schema this release writes. A ledger made by an older release is brought up to
 # it on open by _MIGRATIONS (see Ledger._migrate); one made by a newer one is refused.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # "power": a commit survives power loss; "crash": a crash of the process only.
 Durability = Literal["power", "crash"]
 _BATCH = 500
@@ -79,6 +79,8 @@ deliveries = sa.Table(
     sa.UniqueConstraint("campaign", "step", "email", name="uq_deliveries_campaign_step_email"),
     # Due rows are read page by page in id order, each state's from this index (due_page).
     sa.Index("ix_deliveries_due", "campaign", "step", "state", "id"),
+    # `status` and exports read a campaign's rows page by page in id order (rows()).
+    sa.Index("ix_deliveries_campaign_id", "campaign", "id"),
 )
 
 runs = sa.Table(
@@ -1059,9 +1061,18 @@ def _v3_due_index_in_id_order(conn: sa.Connection) -> None:
     )
 
 
+def _v4_campaign_rows_in_id_order(conn: sa.Connection) -> None:
+    """A campaign's rows are read page by page in id order (`status`): an index for that.
+
+    Without it each page sorted all the campaign's rows: minutes for 1,000,000.
+    """
+    conn.exec_driver_sql("CREATE INDEX ix_deliveries_campaign_id ON deliveries (campaign, id)")
+
+
 _MIGRATIONS: dict[int, Callable[[sa.Connection], None]] = {
     2: _v2_run_host_and_pid,
     3: _v3_due_index_in_id_order,
+    4: _v4_campaign_rows_in_id_order,
 }
 
 
