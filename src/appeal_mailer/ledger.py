@@ -298,49 +298,40 @@ class Ledger:
         now = timestamp()
         new = 0
         for batch in _batched(items, _BATCH):
-            people = [
-                {
-                    "campaign": campaign,
-                    "email": r.email,
-                    "line": r.line,
-                    "data": r.data_json(),
-                    "seen_run": run_id,
-                }
-                for r, _ in batch
-            ]
-            rows = [
-                {
-                    "campaign": campaign,
-                    "step": step,
-                    "email": r.email,
-                    "state": State.PENDING.value,
-                    "attempts": 0,
-                    "message_id": message_id,
-                    "updated_at": now,
-                }
-                for r, message_id in batch
-            ]
-            with self._write() as conn:
-                upsert = self._insert(recipients)
-                conn.execute(
-                    upsert.on_conflict_do_update(
-                        index_elements=["campaign", "email"],
-                        set_={
-                            "line": upsert.excluded.line,
-                            "data": upsert.excluded.data,
-                            "seen_run": upsert.excluded.seen_run,
-                        },
-                    ),
-                    people,
+            # One commit per batch: a kill mid-list leaves whole batches, and memory
+            # holds one batch. On the driver's cursor, as the hot path (_Compiled).
+            with self._hot_write() as (cursor, hot):
+                cursor.executemany(
+                    hot.upsert_recipient.sql,
+                    [
+                        hot.upsert_recipient.params(
+                            campaign=campaign,
+                            email=r.email,
+                            line=r.line,
+                            data=r.data_json(),
+                            seen_run=run_id,
+                        )
+                        for r, _ in batch
+                    ],
                 )
-                inserted = conn.execute(
-                    self._insert(deliveries)
-                    .on_conflict_do_nothing(index_elements=["campaign", "step", "email"])
-                    .returning(deliveries.c.id),
-                    rows,
+                cursor.executemany(
+                    hot.insert_delivery.sql,
+                    [
+                        hot.insert_delivery.params(
+                            campaign=campaign,
+                            step=step,
+                            email=r.email,
+                            state=State.PENDING.value,
+                            attempts=0,
+                            message_id=message_id,
+                            updated_at=now,
+                        )
+                        for r, message_id in batch
+                    ],
                 )
-                # Counted from RETURNING, not rowcount: psycopg reports -1 for executemany.
-                new += len(inserted.all())
+                # executemany's rowcount is the sum over its rows (sqlite3; psycopg
+                # without returning=True): an address already there inserts nothing.
+                new += max(cursor.rowcount, 0)
         return new
 
     # -- sending ----------------------------------------------------------------
@@ -763,7 +754,7 @@ class Ledger:
         For the statements of `_HotStatements` only; database errors become LedgerError.
         """
         if self._hot is None:
-            self._hot = _HotStatements.compile(self._engine.dialect, self._insert(suppressions))
+            self._hot = _HotStatements.compile(self._engine.dialect, self._insert)
         driver_error: type[Exception] = self._engine.dialect.loaded_dbapi.Error
         try:
             raw = self._engine.raw_connection()
@@ -891,9 +882,11 @@ class _HotStatements:
     claim: _Compiled
     record: _Compiled
     bounce: _Compiled
+    upsert_recipient: _Compiled
+    insert_delivery: _Compiled
 
     @classmethod
-    def compile(cls, dialect: sa.Dialect, insert_suppression: Any) -> _HotStatements:
+    def compile(cls, dialect: sa.Dialect, insert: Callable[[sa.Table], Any]) -> _HotStatements:
         listed = sa.exists().where(suppressions.c.email == deliveries.c.email)
         claimable = sa.or_(*(deliveries.c.state == state for state in _CLAIMABLE))
         # One statement per row, suppression checked in it: `sending`, or `suppressed`
@@ -921,11 +914,33 @@ class _HotStatements:
                 updated_at=sa.bindparam("now"),
             )
         )
-        bounce = insert_suppression.on_conflict_do_nothing(index_elements=["email"])
+        bounce = insert(suppressions).on_conflict_do_nothing(index_elements=["email"])
+        # A recipient already known keeps its row; its list data and run are refreshed.
+        person = insert(recipients)
+        upsert_recipient = person.on_conflict_do_update(
+            index_elements=["campaign", "email"],
+            set_={
+                "line": person.excluded.line,
+                "data": person.excluded.data,
+                "seen_run": person.excluded.seen_run,
+            },
+        )
+        # A delivery row already there keeps its state: a re-run never re-sends.
+        insert_delivery = insert(deliveries).on_conflict_do_nothing(
+            index_elements=["campaign", "step", "email"]
+        )
         return cls(
             claim=_Compiled.of(claim, dialect),
             record=_Compiled.of(record, dialect),
             bounce=_Compiled.of(bounce, dialect, ["email", "reason", "source", "created_at"]),
+            upsert_recipient=_Compiled.of(
+                upsert_recipient, dialect, ["campaign", "email", "line", "data", "seen_run"]
+            ),
+            insert_delivery=_Compiled.of(
+                insert_delivery,
+                dialect,
+                ["campaign", "step", "email", "state", "attempts", "message_id", "updated_at"],
+            ),
         )
 
 
