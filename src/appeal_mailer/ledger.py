@@ -417,9 +417,10 @@ class Ledger:
             where.append(_at_domain(domain))
         where += [sa.not_(_at_domain(other)) for other in exclude]
         # Pending rows and due deferred ones each read in id order from the index on
-        # (campaign, step, state, id), the first page of each, then merged: a page
-        # costs the same at the list's end as at its start. (One query with `state IN
-        # (...)` must collect and sort every due row after `after` for each page.)
+        # (campaign, step, state, id), the first page of each, then merged: a page of
+        # pending rows costs the same at the list's end as at its start. (One query
+        # with `state IN (...)` collects and sorts every due row after `after` for
+        # each page.) Deferred rows not yet due are still read past, page by page.
         pending, deferred = (
             self._due_query(scope, state)
             .where(*where)
