@@ -14,7 +14,7 @@ import pytest
 
 from appeal_mailer.campaign import CampaignRun
 from appeal_mailer.config import load_settings
-from appeal_mailer.errors import ConfigError, LedgerError
+from appeal_mailer.errors import ConfigError, LedgerError, TemplateError
 from appeal_mailer.ledger import Durability, Ledger, runs, timestamp
 from appeal_mailer.models import DeliveryResult, Envelope, Recipient, State
 from appeal_mailer.ratelimit import RateLimiter
@@ -317,3 +317,54 @@ def test_a_run_sends_to_the_list_as_it_was_checked_even_if_the_file_changes(
     anna = smtp_server.received_for("anna@example.org")[0].data.decode()
     assert "Anna" in anna
     assert "Hanna" not in anna
+
+
+def test_a_shared_text_found_personal_late_has_everyone_checked_again(
+    write_config: ConfigWriter, write_list: ListWriter, tmp_path: Path
+) -> None:
+    """A message first taken for shared, found personal at the 500th check, is checked anew.
+
+    The template tests the unsubscribe URL with a plain string's `in` (C code the
+    probe cannot see): for the 501st recipient it says "ok", and for the 101st it
+    uses a field that does not exist. Recipients 21 to 500 were only checked
+    against the shared text; when the 501st differs, the whole list is checked
+    again, each on their own, and the 101st stops the pre-flight pass, naming its
+    line: it must not be found only once sending has begun.
+    """
+    (tmp_path / "t").mkdir()
+    for partial in ROOT.joinpath("templates").glob("_*"):
+        (tmp_path / "t" / partial.name).write_bytes(partial.read_bytes())
+    people = [{"email": f"member{i:04d}@example.org"} for i in range(501)]
+    config = write_config(
+        campaign={
+            "templates": str(tmp_path / "t"),
+            "unsubscribe_url": "https://lists.example.org/unsubscribe?e={email}",
+        }
+    )
+    settings = load_settings(config)
+    ledger = Ledger.open(settings.ledger_url)
+    try:
+
+        def make_run() -> CampaignRun:
+            return CampaignRun(
+                settings,
+                ledger,
+                SMTPTransport(settings.smtp, settings.sending, RateLimiter(0, {})),
+                template="late",
+                list_path=write_list(people),
+            )
+
+        (tmp_path / "t" / "late.txt.j2").write_text("Subject: S\n\nplaceholder\n")
+        url = make_run().builder.unsubscribe_urls
+        (tmp_path / "t" / "late.txt.j2").write_text(
+            "Subject: S\n\n"
+            f"{{% if unsubscribe_url in '{url('member0500@example.org')[0]}' %}}ok"
+            f"{{% elif unsubscribe_url in '{url('member0100@example.org')[0]}' %}}"
+            "{{ recipient.no_such_field }}{% endif %}\n"
+        )
+        with pytest.raises(TemplateError) as caught:
+            make_run().prepare()
+    finally:
+        ledger.close()
+    assert caught.value.recipient == "member0100@example.org"
+    assert caught.value.recipient_line == 102

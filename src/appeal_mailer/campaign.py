@@ -301,15 +301,22 @@ class CampaignRun:
         Nothing is written and nothing is sent: a variable missing for one
         subscriber stops here, naming that subscriber's line.
         """
-        preflight = Preflight(list_path=self.list_path)
-        try:
-            self._check(preflight)
-        except BaseException:
+        while True:
+            preflight = Preflight(list_path=self.list_path)
+            try:
+                again = self._check(preflight)
+            except BaseException:
+                preflight.close()
+                raise
+            if not again:
+                return preflight
+            # The message turned out to be personal after all (Renderer.check): the
+            # recipients checked against the shared text are checked again, each on
+            # their own, so that none can fail once sending has begun.
             preflight.close()
-            raise
-        return preflight
 
-    def _check(self, preflight: Preflight) -> None:
+    def _check(self, preflight: Preflight) -> bool:
+        """One pass over the list; True if it must start again (see prepare)."""
         for item in read_recipients(self.list_path):
             if isinstance(item, SkippedRow):
                 preflight.skipped_count += 1
@@ -318,16 +325,19 @@ class CampaignRun:
                 continue
             # Rendering is what can fail for one subscriber; building the wire bytes
             # from a rendered message cannot (mime.py raises nothing).
-            self.renderer.check(
+            personal = self.renderer.check(
                 item,
                 unsubscribe_url=self.builder.unsubscribe_urls(item.email)[0],
                 step=self.step,
                 index=preflight.valid,
             )
+            if personal and preflight.valid > 0:
+                return True
             if preflight.sample is None:
                 preflight.sample, preflight.sample_recipient = self.wire_bytes(item), item
             preflight.keep(item)
             preflight.valid += 1
+        return False
 
     def wire_bytes(self, recipient: Recipient) -> bytes:
         message = self._render(recipient)

@@ -318,23 +318,26 @@ class Renderer:
             return None  # refused per recipient, with the recipient's line
         return subject, text, html
 
-    def check(self, recipient: Recipient, *, unsubscribe_url: str, step: str, index: int) -> None:
+    def check(self, recipient: Recipient, *, unsubscribe_url: str, step: str, index: int) -> bool:
         """Pre-flight: render the `index`th recipient's message, or raise TemplateError.
 
         When the message is shared, some recipients' messages are also rendered
         on their own and compared with it: should one differ (a template that
         used a personal value in a way the probe could not see), every message
-        is rendered per recipient from then on, before anything is sent.
+        is rendered per recipient from then on, and this returns True: the
+        recipients checked before against the shared text must be checked again.
         """
         shared = self.render(recipient, unsubscribe_url=unsubscribe_url, step=step)
         if not isinstance(self._shared, tuple):
-            return
+            return False
         if index >= _CHECK_FIRST and index % _CHECK_EVERY:
-            return
+            return False
         self._shared, kept = None, self._shared
         own = self.render(recipient, unsubscribe_url=unsubscribe_url, step=step)
         if (own.subject, own.text, own.html) == (shared.subject, shared.text, shared.html):
             self._shared = kept
+            return False
+        return True
 
     def _recipient_context(self, recipient: Recipient) -> dict[str, Any]:
         return {
