@@ -1032,3 +1032,33 @@ def test_heartbeats_on_postgresql_use_the_servers_clock(
     finally:
         a.close()
         b.close()
+
+
+def test_due_pages_of_one_state_hold_only_that_state_in_id_order(ledger: Ledger) -> None:
+    """`state=` pages one state alone: due deferred rows, or pending rows, each once, in order.
+
+    A run reads the due retries first, then the pending rows, each with its own
+    cursor, so a page never reads past the other state's rows.
+    """
+    run = ledger.start_run(CAMPAIGN, STEP, "send")
+    load(ledger, run, emails(1100))
+    ids = due_ids(ledger, run)
+    soon = timestamp(datetime.now(UTC) - timedelta(minutes=1))
+    late = timestamp(datetime.now(UTC) + timedelta(hours=1))
+    deferred = ids[::2]
+    ledger.claim(deferred, run)
+    ledger.record(
+        [
+            (result(i, State.DEFERRED, 451), late if n % 5 == 0 else soon)
+            for n, i in enumerate(deferred)
+        ]
+    )
+
+    def paged(state: State) -> list[int]:
+        got: list[int] = []
+        while page := ledger.due_page(scope(run), got[-1] if got else 0, state=state):
+            got += [row.row_id for row in page]
+        return got
+
+    assert paged(State.DEFERRED) == [i for n, i in enumerate(deferred) if n % 5]
+    assert paged(State.PENDING) == ids[1::2]

@@ -421,37 +421,51 @@ class CampaignRun:
 
         async def produce(domain: str | None, exclude: tuple[str, ...]) -> None:
             nonlocal produced
-            after = 0
             try:
-                while produced < todo and not self._stop.is_set():
-                    page = await self._db(
-                        functools.partial(
-                            self.ledger.due_page, scope, after, domain=domain, exclude=exclude
-                        )
-                    )
-                    if not page:
-                        break
-                    for due in page:
-                        if produced >= todo or self._stop.is_set():
-                            break
-                        # Counted before waiting for the domain's pace, so that two
-                        # lanes cannot both take the last place under --limit.
-                        produced += 1
-                        if domain is not None and self.pace is not None:
-                            await self.pace.acquire_domain(domain)
-                        envelope = Envelope(
-                            due.row_id,
-                            self._sender_address,
-                            due.recipient.email,
-                            due.message_id,
-                            self.wire_bytes(due.recipient),
-                        )
-                        await feed.put(_Job(envelope, due.attempts))
-                    after = page[-1].row_id
+                # Retries that are due first (they have waited longest), then the rest;
+                # each state paged on its own (Ledger.due_page).
+                for state in (State.DEFERRED, State.PENDING):
+                    await produce_state(state, domain, exclude)
             except Exception as exc:  # any failure stops the run cleanly
                 self.stop(f"could not prepare the next message: {exc}", _error(exc))
             finally:
                 await feed.put(None)
+
+        async def produce_state(
+            state: State, domain: str | None, exclude: tuple[str, ...]
+        ) -> None:
+            nonlocal produced
+            after = 0
+            while produced < todo and not self._stop.is_set():
+                page = await self._db(
+                    functools.partial(
+                        self.ledger.due_page,
+                        scope,
+                        after,
+                        domain=domain,
+                        exclude=exclude,
+                        state=state,
+                    )
+                )
+                if not page:
+                    break
+                for due in page:
+                    if produced >= todo or self._stop.is_set():
+                        break
+                    # Counted before waiting for the domain's pace, so that two
+                    # lanes cannot both take the last place under --limit.
+                    produced += 1
+                    if domain is not None and self.pace is not None:
+                        await self.pace.acquire_domain(domain)
+                    envelope = Envelope(
+                        due.row_id,
+                        self._sender_address,
+                        due.recipient.email,
+                        due.message_id,
+                        self.wire_bytes(due.recipient),
+                    )
+                    await feed.put(_Job(envelope, due.attempts))
+                after = page[-1].row_id
 
         # Rows are claimed only as workers can take them: a crash turns every
         # `sending` row into `unknown`, never re-sent, so claiming ahead of the pace
