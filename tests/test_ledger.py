@@ -975,7 +975,7 @@ def test_a_group_that_fails_writes_none_of_it(ledger: Ledger) -> None:
 def test_due_pages_merge_pending_and_due_deferred_rows_in_id_order(ledger: Ledger) -> None:
     """Pending and due deferred rows, interleaved over several pages, each come exactly once.
 
-    Pages are read from each state separately and merged (due_page): every third
+    Without `state`, due_page pages both states at once in id order: every third
     row is deferred and due, every seventh deferred but not yet due; the pages
     must hold every due row once, in id order, and no row that is not due.
     """

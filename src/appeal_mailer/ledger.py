@@ -412,34 +412,18 @@ class Ledger:
         Rows come in id order after row `after`; read page by page, memory does not
         grow with the list. With `domain`, only addresses at that domain or its
         subdomains; `exclude` leaves such addresses out. With `state` (PENDING or
-        DEFERRED), only those: a page then costs the same at the list's end as at
-        its start, on both engines, however many rows are deferred and not yet due.
+        DEFERRED), only those, read in id order from the index on (campaign, step,
+        state, id): a page then costs the same at the list's end as at its start,
+        however many rows are deferred and not yet due. Without it, both states:
+        each page sorts every due row after `after` (a run pages each state alone).
         """
-        where = [deliveries.c.id > after]
+        query = self._due_query(scope, state).where(deliveries.c.id > after)
         if domain is not None:
-            where.append(_at_domain(domain))
-        where += [sa.not_(_at_domain(other)) for other in exclude]
-        if state is not None:
-            query = self._due_query(scope, state).where(*where).order_by(deliveries.c.id)
-            return self._due_rows(query.limit(_BATCH))
-        # Both states: each read in id order from the index on (campaign, step, state,
-        # id), the first page of each, then merged. (One query with `state IN (...)`
-        # collects and sorts every due row after `after` for each page.) Deferred rows
-        # not yet due are still read past on each page: a run pages each state alone.
-        pending, deferred = (
-            self._due_query(scope, state)
-            .where(*where)
-            .order_by(deliveries.c.id)
-            .limit(_BATCH)
-            .subquery()
-            for state in (State.PENDING, State.DEFERRED)
-        )
-        both = sa.union_all(sa.select(pending), sa.select(deferred)).subquery()
-        return self._due_rows(sa.select(both).order_by(both.c.id).limit(_BATCH))
-
-    def _due_rows(self, query: sa.Select[Any]) -> list[DueRow]:
+            query = query.where(_at_domain(domain))
+        for other in exclude:
+            query = query.where(sa.not_(_at_domain(other)))
         with self._read() as conn:
-            page = conn.execute(query).all()
+            page = conn.execute(query.order_by(deliveries.c.id).limit(_BATCH)).all()
         return [
             DueRow(
                 row_id=row.id,
