@@ -52,6 +52,7 @@ from send_bench import (
     Row,
     SmtpSink,
     _workdir,
+    check_sent,
     child_env,
     free_port,
     machine,
@@ -306,18 +307,7 @@ class MemoryBench:
         counts = bench.ledger_counts()
         # Not timed in the table: `appeal-mailer status` reading the ledger, for the check.
         row.details["status_seconds"] = round(time.perf_counter() - started, 1)
-        row.details |= {
-            "smtp_sink_received": got,
-            "smtp_sink_sessions": sink.sessions() - sessions,
-            "ledger_counts": counts,
-        }
-        problems = []
-        if got != n:
-            problems.append(f"smtp-sink received {got}")
-        if counts.get("sent") != n or len(counts) != 1:
-            problems.append(f"ledger {counts}")
-        if row.check == "ok" and problems:
-            row.fail(", ".join(problems) + f"; expected {n} sent")
+        check_sent(row, received=got, sessions=sink.sessions() - sessions, counts=counts)
         return row
 
 

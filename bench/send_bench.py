@@ -641,6 +641,23 @@ class Row:
         self.messages_per_second = 0.0
 
 
+def check_sent(row: Row, *, received: int, sessions: int, counts: dict[str, int]) -> None:
+    """A send's checks: smtp-sink got exactly the row's N messages, the ledger N `sent`."""
+    n = row.messages
+    row.details |= {
+        "smtp_sink_received": received,
+        "smtp_sink_sessions": sessions,
+        "ledger_counts": counts,
+    }
+    problems = []
+    if received != n:
+        problems.append(f"smtp-sink received {received}")
+    if counts.get("sent") != n or len(counts) != 1:
+        problems.append(f"ledger {counts}")
+    if row.check == "ok" and problems:
+        row.fail(", ".join(problems) + f"; expected {n} sent")
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
         self.args = args
@@ -844,18 +861,7 @@ class Bench:
         row = self.run(Row(f"send {template}", command, n), f"send-{template}")
         got = sink.received_after(before, n)
         counts = self.ledger_counts()
-        row.details |= {
-            "smtp_sink_received": got,
-            "smtp_sink_sessions": sink.sessions() - sessions,
-            "ledger_counts": counts,
-        }
-        problems = []
-        if got != n:
-            problems.append(f"smtp-sink received {got}")
-        if counts.get("sent") != n or len(counts) != 1:
-            problems.append(f"ledger {counts}")
-        if row.check == "ok" and problems:
-            row.fail(", ".join(problems) + f"; expected {n} sent")
+        check_sent(row, received=got, sessions=sink.sessions() - sessions, counts=counts)
         return row
 
     def ledger_counts(self) -> dict[str, int]:
