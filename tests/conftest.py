@@ -17,6 +17,7 @@ import trustme
 from click.testing import CliRunner, Result
 
 from appeal_mailer.cli import main
+from appeal_mailer.ledger import Ledger
 from tests.pg import POSTGRES_URL, engine
 from tests.smtpd import RecordingServer
 
@@ -187,6 +188,18 @@ def run_cli(config_file: Path) -> CliRun:
 
 
 # -- the ledger's engines: SQLite and PostgreSQL -------------------------------------------------
+
+
+@pytest.fixture
+def ledger_in_this_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`send` keeps its ledger in the test's process, where a test can watch its calls.
+
+    A run's ledger normally lives in a child process (ledger_process.py), where a
+    monkeypatched Ledger method would run in a copy of the test's memory.
+    """
+    from appeal_mailer import ledger_process  # noqa: PLC0415  # only for these tests
+
+    monkeypatch.setattr(ledger_process, "open_for_run", Ledger.open)
 
 
 @pytest.fixture(scope="session")

@@ -704,6 +704,7 @@ def test_a_row_is_sending_before_its_data_and_only_rows_in_flight_are(
     assert max(sending for _, sending in seen) <= 2 * connections
 
 
+@pytest.mark.usefixtures("ledger_in_this_process")
 def test_results_and_next_claims_share_commits_and_never_exceed_the_bound(
     run_cli: CliRun,
     write_config: ConfigWriter,
@@ -754,6 +755,7 @@ def test_rerunning_a_finished_campaign_sends_nothing(
     assert status(run_cli)["counts"] == {"sent": 5}
 
 
+@pytest.mark.usefixtures("ledger_in_this_process")
 def test_after_a_failed_commit_nothing_more_is_written_and_the_bound_holds(
     run_cli: CliRun,
     write_config: ConfigWriter,

@@ -11,19 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
+import os
 import tempfile
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import IO, Any, Protocol, TypeVar
+from typing import IO, Any, ParamSpec, Protocol, TypeVar
 
 from appeal_mailer.bounces import mailbox_gone
 from appeal_mailer.config import Settings
 from appeal_mailer.errors import AppealMailerError, LedgerError, ServerError
 from appeal_mailer.ledger import HEARTBEAT, DueScope, Ledger, timestamp
+from appeal_mailer.ledger_process import LedgerCall, LedgerProcess, LocalLedger
 from appeal_mailer.lists import read_recipients
 from appeal_mailer.mime import MessageBuilder
 from appeal_mailer.models import (
@@ -39,12 +39,15 @@ from appeal_mailer.render import Renderer
 from appeal_mailer.transport import Transport
 
 T = TypeVar("T")
+P = ParamSpec("P")
 # Reports keep the first rows of each kind in full; the rest are counted.
 REPORT_ROWS = 1000
 # This many messages in a row that could not even reach the server: stop the run.
 _UNREACHABLE_STREAK = 10
 # Claims are grouped: one commit marks up to this many rows `sending`.
 _CLAIM_BATCH = 64
+# Rows of the list per ledger commit while loading it.
+_LOAD_BATCH = 500
 
 
 class Progress(Protocol):
@@ -240,7 +243,7 @@ class CampaignRun:
     def __init__(
         self,
         settings: Settings,
-        ledger: Ledger,
+        ledger: Ledger | LocalLedger | LedgerProcess,
         transport: Transport,
         *,
         template: str,
@@ -252,7 +255,8 @@ class CampaignRun:
         resend_unknown: bool = False,
     ) -> None:
         self.settings = settings
-        self.ledger = ledger
+        # Where the ledger's calls run: a child process (ledger_process.py) or a thread.
+        self.ledger = LocalLedger(ledger) if isinstance(ledger, Ledger) else ledger
         self.transport = transport
         self.step = template
         self.list_path = list_path
@@ -291,7 +295,6 @@ class CampaignRun:
         self._stop = asyncio.Event()
         self._stop_reason: str | None = None
         self._stop_error: AppealMailerError | None = None
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="ledger")
 
     # -- before anything is sent -------------------------------------------------
 
@@ -368,35 +371,55 @@ class CampaignRun:
         campaign = self.settings.campaign.id
         report = RunReport(campaign, self.step, self.dry_run, preflight)
         command = "send --dry-run" if self.dry_run else "send"
-        run_id = await self._db(self.ledger.start_run, campaign, self.step, command)
-        report.recovered_unknown = await self._db(
-            self.ledger.recover_interrupted, campaign, self.step
-        )
-        report.new_rows = await self._db(
-            self.ledger.load, campaign, self.step, run_id, self._with_ids(preflight)
-        )
-        if self.resend_unknown:
-            report.requeued_unknown = await self._db(
-                self.ledger.requeue_unknown, campaign, self.step, run_id
-            )
-        heartbeat = asyncio.create_task(self._heartbeat(run_id))
+        await self.ledger.attach()
         try:
-            await self._deliver(run_id, report, progress)
+            run_id = await self._db(
+                Ledger.start_run, campaign, self.step, command, pid=os.getpid()
+            )
+            report.recovered_unknown = await self._db(
+                Ledger.recover_interrupted, campaign, self.step
+            )
+            report.new_rows = await self._load(run_id, preflight)
+            if self.resend_unknown:
+                report.requeued_unknown = await self._db(
+                    Ledger.requeue_unknown, campaign, self.step, run_id
+                )
+            heartbeat = asyncio.create_task(self._heartbeat(run_id))
+            try:
+                await self._deliver(run_id, report, progress)
+            finally:
+                heartbeat.cancel()
+                report.stopped = self._stop_reason
+                report.stopped_hint = self._stop_error.hint if self._stop_error else None
+                report.counts = await self._db(Ledger.counts, campaign, self.step)
+                await self._db(Ledger.finish_run, run_id, report.summary())
         finally:
-            heartbeat.cancel()
-            report.stopped = self._stop_reason
-            report.stopped_hint = self._stop_error.hint if self._stop_error else None
-            report.counts = await self._db(self.ledger.counts, campaign, self.step)
-            await self._db(self.ledger.finish_run, run_id, report.summary())
-            self._executor.shutdown(wait=True)
+            await self.ledger.detach()
             preflight.close()
         return report
+
+    async def _load(self, run_id: int, preflight: Preflight) -> int:
+        """Record the checked list in the ledger, a batch per commit; returns the new rows.
+
+        Each batch is read and sent while the ledger commits the one before.
+        """
+        campaign = self.settings.campaign.id
+        new = 0
+        writing: asyncio.Future[int] | None = None
+        for batch in _batched(self._with_ids(preflight), _LOAD_BATCH):
+            following = self._db(Ledger.load, campaign, self.step, run_id, batch)
+            if writing is not None:
+                new += await writing
+            writing = following
+        if writing is not None:
+            new += await writing
+        return new
 
     async def _heartbeat(self, run_id: int) -> None:
         while True:
             await asyncio.sleep(HEARTBEAT)
             with contextlib.suppress(AppealMailerError):  # a missed beat is not fatal
-                await self._db(self.ledger.heartbeat, run_id)
+                await self._db(Ledger.heartbeat, run_id)
 
     def _with_ids(self, preflight: Preflight) -> Iterator[tuple[Recipient, str]]:
         for recipient in preflight.recipients():
@@ -406,7 +429,7 @@ class CampaignRun:
         campaign = self.settings.campaign.id
         connections = self.transport.connections
         scope = DueScope(campaign, self.step, run_id, self.now)
-        report.due = await self._db(self.ledger.count_due, scope)
+        report.due = await self._db(Ledger.count_due, scope)
         todo = report.due if self.limit is None else min(report.due, self.limit)
         if todo == 0:
             return
@@ -438,14 +461,7 @@ class CampaignRun:
             after = 0
             while produced < todo and not self._stop.is_set():
                 page = await self._db(
-                    functools.partial(
-                        self.ledger.due_page,
-                        scope,
-                        after,
-                        domain=domain,
-                        exclude=exclude,
-                        state=state,
-                    )
+                    Ledger.due_page, scope, after, domain=domain, exclude=exclude, state=state
                 )
                 if not page:
                     break
@@ -479,12 +495,18 @@ class CampaignRun:
         free = asyncio.Semaphore(2 * connections)
         ledger = _GroupCommit(
             lambda results, bounced, claims: self._db(
-                functools.partial(
-                    self.ledger.write_group, results, bounced, claim=claims, run_id=run_id
-                )
+                Ledger.write_group, results, bounced, claim=claims, run_id=run_id
             ),
             self.ledger.location,
         )
+
+        claiming: set[asyncio.Task[None]] = set()
+
+        async def claim_batch(batch: list[_Job]) -> None:
+            try:
+                await self._claim(batch, ledger, ready, free, report, progress)
+            except Exception as exc:  # any failure stops the run cleanly
+                self.stop(f"could not claim the next messages: {exc}", _error(exc))
 
         async def claim() -> None:
             producing = len(lanes)
@@ -509,13 +531,22 @@ class CampaignRun:
                             continue
                         await free.acquire()  # returns at once: not locked
                         batch.append(job)
-                    await self._claim(batch, ledger, ready, free, report, progress)
+                    # Not awaited here: places given back while this batch's commit is
+                    # in flight are claimed at once, to ride in the very next commit
+                    # (waiting would leave them for the commit after that, and workers
+                    # idle meanwhile).
+                    task = asyncio.create_task(claim_batch(batch))
+                    claiming.add(task)
+                    task.add_done_callback(claiming.discard)
             except Exception as exc:  # any failure stops the run cleanly
                 self.stop(f"could not claim the next messages: {exc}", _error(exc))
                 while producing:  # let the producers finish: they stop at the flag
                     if await feed.get() is None:
                         producing -= 1
             finally:
+                # Every claim in flight hands its jobs to `ready` before the end marks.
+                while claiming:
+                    await asyncio.wait(list(claiming))
                 for _ in range(connections):
                     await ready.put(None)
 
@@ -528,30 +559,46 @@ class CampaignRun:
                 # _send returns a result for every failure; record() frees the place.
                 await results.put(await self._send(job))
 
+        Recorded = tuple[_Results, list[tuple[str, str]], asyncio.Future[Claims]]
+
         async def record() -> None:
+            # Results go to the ledger as they come; what each commit confirms is counted
+            # by account(), in commit order. Recording does not wait for a commit before
+            # handing over the next results: their places would come back a commit late.
+            accounting: asyncio.Queue[Recorded | None] = asyncio.Queue()
+            accountant = asyncio.create_task(account(accounting))
+            try:
+                done = False
+                while not done:
+                    batch: _Results = []
+                    item = await results.get()
+                    while item is not None:
+                        batch.append(item)
+                        if results.empty():
+                            break
+                        item = results.get_nowait()
+                    done = item is None
+                    if not batch:
+                        continue
+                    # A reply saying the mailbox does not exist suppresses the address,
+                    # in the same commit as the failure (the rule: bounces.py).
+                    bounced = [
+                        (result.recipient, f"{result.code} {result.reply or ''}".rstrip())
+                        for result, _ in batch
+                        if result.state is State.FAILED and mailbox_gone(result.code, result.reply)
+                    ]
+                    durable = ledger.record(batch, bounced)
+                    for _ in batch:
+                        free.release()  # to claims that commit with these results or after
+                    accounting.put_nowait((batch, bounced, durable))
+            finally:
+                accounting.put_nowait(None)
+                await accountant
+
+        async def account(accounting: asyncio.Queue[Recorded | None]) -> None:
             streak = 0
-            done = False
-            while not done:
-                batch: list[tuple[DeliveryResult, str | None]] = []
-                item = await results.get()
-                while item is not None:
-                    batch.append(item)
-                    if results.empty():
-                        break
-                    item = results.get_nowait()
-                done = item is None
-                if not batch:
-                    continue
-                # A reply saying the mailbox does not exist suppresses the address,
-                # in the same commit as the failure (the rule: bounces.py).
-                bounced = [
-                    (result.recipient, f"{result.code} {result.reply or ''}".rstrip())
-                    for result, _ in batch
-                    if result.state is State.FAILED and mailbox_gone(result.code, result.reply)
-                ]
-                durable = ledger.record(batch, bounced)
-                for _ in batch:
-                    free.release()  # to claims that commit with these results or after
+            while (recorded := await accounting.get()) is not None:
+                batch, bounced, durable = recorded
                 try:
                     await durable
                 except AppealMailerError as exc:
@@ -597,7 +644,7 @@ class CampaignRun:
             with contextlib.suppress(Exception):
                 await self.transport.close()
             if unsent:
-                await self._db(self.ledger.release, unsent, run_id)
+                await self._db(Ledger.release, unsent, run_id)
                 report.released += len(unsent)
             if progress is not None:
                 progress.finish()
@@ -711,8 +758,9 @@ class CampaignRun:
         if len(bucket) < REPORT_ROWS:
             bucket.append(result)
 
-    async def _db(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+    def _db(self, fn: LedgerCall[P, T], *args: P.args, **kwargs: P.kwargs) -> asyncio.Future[T]:
+        """`fn(ledger, ...)`, sent to the ledger now; await the future for its result."""
+        return self.ledger.submit(fn, *args, **kwargs)
 
 
 def _error(exc: Exception) -> AppealMailerError | None:
@@ -727,3 +775,14 @@ def _suppressed(envelope: Envelope) -> DeliveryResult:
     return DeliveryResult(
         row_id=envelope.row_id, recipient=envelope.recipient, state=State.SUPPRESSED, attempts=0
     )
+
+
+def _batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    batch: list[T] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

@@ -142,6 +142,7 @@ def send(  # noqa: PLR0917  # click passes each option as an argument
     from appeal_mailer import report  # noqa: PLC0415  # keep --help fast
     from appeal_mailer.campaign import CampaignRun  # noqa: PLC0415
     from appeal_mailer.ledger import Ledger  # noqa: PLC0415
+    from appeal_mailer.ledger_process import open_for_run  # noqa: PLC0415
     from appeal_mailer.ratelimit import RateLimiter  # noqa: PLC0415
     from appeal_mailer.transport import DryRunTransport, SMTPTransport, Transport  # noqa: PLC0415
 
@@ -158,7 +159,8 @@ def send(  # noqa: PLR0917  # click passes each option as an argument
     else:
         limiter = RateLimiter(settings.sending.rate, dict(settings.sending.domain_limits))
         transport = SMTPTransport(settings.smtp, settings.sending, limiter)
-    ledger = Ledger.open(
+    # On the second core (ledger_process.py): opened before anything else starts a thread.
+    ledger = open_for_run(
         settings.ledger_url,
         scratch_copy=dry_run,
         durability=settings.ledger.durability,
@@ -185,7 +187,7 @@ def send(  # noqa: PLR0917  # click passes each option as an argument
                 raise click.UsageError(
                     "not a terminal, so cannot ask before sending: pass --yes to send"
                 )
-            already = ledger.counts(settings.campaign.id, template).get("sent", 0)
+            already = ledger.call(Ledger.counts, settings.campaign.id, template).get("sent", 0)
             click.echo(
                 report.plan(
                     preflight,

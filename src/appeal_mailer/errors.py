@@ -19,6 +19,7 @@ into these in the one module that talks to that library, with ``raise ... from``
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 
 class AppealMailerError(Exception):
@@ -34,6 +35,21 @@ class AppealMailerError(Exception):
     @property
     def message(self) -> str:
         return str(self.args[0])
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Rebuilt from its message and attributes, not through __init__ (whose
+        # keyword-only facts pickle's default would drop): errors raised in the
+        # ledger's process reach the sender whole (ledger_process.py).
+        return (_rebuild, (type(self), self.args, self.__dict__))
+
+
+def _rebuild(
+    cls: type[AppealMailerError], args: tuple[Any, ...], state: dict[str, Any]
+) -> AppealMailerError:
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(state)
+    return error
 
 
 class ConfigError(AppealMailerError):

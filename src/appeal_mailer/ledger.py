@@ -247,7 +247,8 @@ class Ledger:
 
     # -- runs ------------------------------------------------------------------
 
-    def start_run(self, campaign: str, step: str, command: str) -> int:
+    def start_run(self, campaign: str, step: str, command: str, *, pid: int | None = None) -> int:
+        """Log a new run and return its id; `pid` is the sending process's (default: this one)."""
         with self._write() as conn:
             now = _clock(conn)
             result = conn.execute(
@@ -258,7 +259,7 @@ class Ledger:
                     started_at=now,
                     heartbeat_at=now,
                     host=_this_host(),
-                    pid=os.getpid(),
+                    pid=os.getpid() if pid is None else pid,
                 )
             )
             key = result.inserted_primary_key
@@ -1124,7 +1125,7 @@ def _engine_url(url: str) -> sa.URL:
 def _connect(url: str, location: str, durability: Durability) -> sa.Engine:
     parsed = _engine_url(url)
     if parsed.get_backend_name() == "sqlite":
-        _make_parent(url)
+        _make_parent(url, location)
         engine = sa.create_engine(parsed)
         sa.event.listen(engine, "connect", _sqlite_pragmas(durability))
         return engine
@@ -1224,10 +1225,18 @@ def _scratch_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def _make_parent(url: str) -> None:
+def _make_parent(url: str, location: str) -> None:
     parsed = sa.engine.make_url(url)
     if parsed.get_backend_name() == "sqlite" and parsed.database:
-        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(parsed.database).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a file in the way, no permission, a read-only disk
+            raise LedgerError(
+                f"cannot create its folder {folder}: {exc.strerror or exc}",
+                location=location,
+                hint="check [ledger] path in the config",
+            ) from exc
 
 
 def _redact(url: str) -> str:

@@ -7,6 +7,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any
 
 _EMPTY: Mapping[str, str] = MappingProxyType({})
 
@@ -63,6 +64,22 @@ class Recipient:
             separators=(",", ":"),
         )
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # `fields` is a read-only view, which pickle refuses; it crosses as a dict
+        # (recipients go to and come from the ledger's process, ledger_process.py).
+        return (
+            _recipient,
+            (
+                self.email,
+                self.line,
+                self.name,
+                self.organization,
+                self.language,
+                self.timezone,
+                dict(self.fields),
+            ),
+        )
+
     @classmethod
     def from_data_json(cls, email: str, line: int, data: str) -> Recipient:
         values = json.loads(data)
@@ -75,6 +92,18 @@ class Recipient:
             timezone=values["timezone"],
             fields=MappingProxyType(values["fields"]),
         )
+
+
+def _recipient(  # noqa: PLR0917  # Recipient's fields, as pickle passes them
+    email: str,
+    line: int,
+    name: str,
+    organization: str,
+    language: str,
+    timezone: str,
+    fields: dict[str, str],
+) -> Recipient:
+    return Recipient(email, line, name, organization, language, timezone, MappingProxyType(fields))
 
 
 @dataclass(frozen=True, slots=True)
