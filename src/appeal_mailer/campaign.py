@@ -13,12 +13,14 @@ import asyncio
 import contextlib
 import os
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any, ParamSpec, Protocol, TypeVar
 
+from appeal_mailer import timezones
 from appeal_mailer.bounces import mailbox_gone
 from appeal_mailer.config import Settings
 from appeal_mailer.errors import AppealMailerError, LedgerError, ServerError
@@ -35,7 +37,8 @@ from appeal_mailer.models import (
     State,
 )
 from appeal_mailer.ratelimit import RateLimiter
-from appeal_mailer.render import Renderer
+from appeal_mailer.reminders import Expired, RemindStep
+from appeal_mailer.render import Languages
 from appeal_mailer.transport import Transport
 
 T = TypeVar("T")
@@ -48,6 +51,8 @@ _UNREACHABLE_STREAK = 10
 _CLAIM_BATCH = 64
 # Rows of the list per ledger commit while loading it.
 _LOAD_BATCH = 500
+# How a message held back for its send window is noted in the ledger.
+HELD = "outside the send window: held"
 
 
 class Progress(Protocol):
@@ -64,7 +69,8 @@ class Progress(Protocol):
 class Preflight:
     """The list read and every message rendered: what a run is about to do."""
 
-    list_path: Path
+    # The list file, or for `remind` where in the ledger the recipients come from.
+    list_path: Path | str
     valid: int = 0
     skipped: list[SkippedRow] = field(default_factory=list)
     skipped_count: int = 0
@@ -74,22 +80,43 @@ class Preflight:
     # the run sends to exactly these, even if the list file changes meanwhile, and
     # does not parse and validate the list a second time.
     checked: IO[bytes] = field(default_factory=tempfile.TemporaryFile)
+    # `remind`: reminders that came due too long ago, recorded `expired`, never sent.
+    expired: IO[bytes] = field(default_factory=tempfile.TemporaryFile)
+    expired_count: int = 0
+    # Recipients by the language version they get (not the default's), and those
+    # whose language has no version, by language: they get the default.
+    languages: dict[str, int] = field(default_factory=dict)
+    fell_back: dict[str, int] = field(default_factory=dict)
 
     def keep(self, recipient: Recipient) -> None:
-        # One line each: address, list line, data; JSON escapes any tab or line break.
-        self.checked.write(
-            f"{recipient.email}\t{recipient.line}\t{recipient.data_json()}\n".encode()
-        )
+        _spool(self.checked, recipient)
+
+    def keep_expired(self, recipient: Recipient) -> None:
+        _spool(self.expired, recipient)
+        self.expired_count += 1
 
     def recipients(self) -> Iterator[Recipient]:
         """The checked recipients, read back from the start."""
-        self.checked.seek(0)
-        for raw in self.checked:
-            email, line, data = raw.decode().rstrip("\n").split("\t", 2)
-            yield Recipient.from_data_json(email, int(line), data)
+        return _unspool(self.checked)
+
+    def expired_recipients(self) -> Iterator[Recipient]:
+        return _unspool(self.expired)
 
     def close(self) -> None:
         self.checked.close()
+        self.expired.close()
+
+
+def _spool(spool: IO[bytes], recipient: Recipient) -> None:
+    # One line each: address, list line, data; JSON escapes any tab or line break.
+    spool.write(f"{recipient.email}\t{recipient.line}\t{recipient.data_json()}\n".encode())
+
+
+def _unspool(spool: IO[bytes]) -> Iterator[Recipient]:
+    spool.seek(0)
+    for raw in spool:
+        email, line, data = raw.decode().rstrip("\n").split("\t", 2)
+        yield Recipient.from_data_json(email, int(line), data)
 
 
 @dataclass
@@ -103,6 +130,8 @@ class RunReport:
     recovered_unknown: int = 0
     requeued_unknown: int = 0
     new_rows: int = 0
+    # `remind`: reminders recorded `expired` by this run (came due too long ago).
+    expired: int = 0
     due: int = 0
     sent: int = 0
     suppressed: int = 0
@@ -112,6 +141,8 @@ class RunReport:
     deferred: list[DeliveryResult] = field(default_factory=list)
     unknown: list[DeliveryResult] = field(default_factory=list)
     released: int = 0
+    # Not sent now: outside the subscriber's send window, pending until it opens.
+    held: int = 0
     stopped: str | None = None
     stopped_hint: str | None = None
     counts: dict[str, int] = field(default_factory=dict)
@@ -141,6 +172,8 @@ class RunReport:
             "unknown": len(self.unknown),
             "suppressed": self.suppressed,
             "bounced": self.bounced,
+            "expired": self.expired,
+            "held": self.held,
             "stopped": self.stopped,
         }
 
@@ -149,6 +182,8 @@ class RunReport:
 class _Job:
     envelope: Envelope
     attempts_before: int
+    # The subscriber's time zone, for the send window.
+    timezone: str
 
 
 Claims = tuple[list[int], list[int]]
@@ -238,7 +273,7 @@ class _GroupCommit:
 
 
 class CampaignRun:
-    """One `send` of one campaign step, from a list, through one transport."""
+    """One `send` of a campaign step to a list, or one `remind` step, through one transport."""
 
     def __init__(
         self,
@@ -247,7 +282,8 @@ class CampaignRun:
         transport: Transport,
         *,
         template: str,
-        list_path: Path,
+        list_path: Path | None = None,
+        remind: RemindStep | None = None,
         dry_run: bool = False,
         limit: int | None = None,
         now: datetime | None = None,
@@ -258,8 +294,13 @@ class CampaignRun:
         # Where the ledger's calls run: a child process (ledger_process.py) or a thread.
         self.ledger = LocalLedger(ledger) if isinstance(ledger, Ledger) else ledger
         self.transport = transport
-        self.step = template
-        self.list_path = list_path
+        # `send` sends `template` to `list_path`; `remind` one step whose recipients
+        # come from the ledger (reminders.py).
+        self.remind = remind
+        if remind is not None:
+            template = remind.template
+        self.step = remind.step if remind is not None else template
+        self.source: Path | str = remind.label if remind is not None else list_path or Path()
         self.dry_run = dry_run
         self.limit = limit
         # Paces each message's first attempt per domain; the transport paces the rest.
@@ -276,7 +317,8 @@ class CampaignRun:
         )
         sender_name, sender_address = campaign.sender
         list_name, list_id = campaign.list_id_parts
-        self.renderer = Renderer(
+        # The template in each language it has a version in (templates/ru/...).
+        self.languages = Languages(
             campaign.templates,
             template,
             campaign={
@@ -291,7 +333,9 @@ class CampaignRun:
             default_language=campaign.language,
             now=self.now,
         )
+        self.renderer = self.languages.default
         self._sender_address = sender_address
+        self._started = time.monotonic()
         self._stop = asyncio.Event()
         self._stop_reason: str | None = None
         self._stop_error: AppealMailerError | None = None
@@ -305,7 +349,7 @@ class CampaignRun:
         subscriber stops here, naming that subscriber's line.
         """
         while True:
-            preflight = Preflight(list_path=self.list_path)
+            preflight = Preflight(list_path=self.source)
             try:
                 again = self._check(preflight)
             except BaseException:
@@ -320,7 +364,12 @@ class CampaignRun:
 
     def _check(self, preflight: Preflight) -> bool:
         """One pass over the list; True if it must start again (see prepare)."""
-        for item in read_recipients(self.list_path):
+        self.languages.used.clear()
+        self.languages.fell_back.clear()
+        for item in self._items():
+            if isinstance(item, Expired):
+                preflight.keep_expired(item.recipient)
+                continue
             if isinstance(item, SkippedRow):
                 preflight.skipped_count += 1
                 if len(preflight.skipped) < REPORT_ROWS:
@@ -328,7 +377,7 @@ class CampaignRun:
                 continue
             # Rendering is what can fail for one subscriber; building the wire bytes
             # from a rendered message cannot (mime.py raises nothing).
-            personal = self.renderer.check(
+            personal = self.languages.pick(item, count=True).check(
                 item,
                 unsubscribe_url=self.builder.unsubscribe_urls(item.email)[0],
                 step=self.step,
@@ -340,7 +389,14 @@ class CampaignRun:
                 preflight.sample, preflight.sample_recipient = self.wire_bytes(item), item
             preflight.keep(item)
             preflight.valid += 1
+        preflight.languages = dict(self.languages.used)
+        preflight.fell_back = dict(self.languages.fell_back)
         return False
+
+    def _items(self) -> Iterator[Recipient | SkippedRow | Expired]:
+        if self.remind is not None:
+            return self.remind.recipients(self.ledger)
+        return read_recipients(Path(self.source))
 
     def wire_bytes(self, recipient: Recipient) -> bytes:
         message = self._render(recipient)
@@ -351,7 +407,7 @@ class CampaignRun:
         )
 
     def _render(self, recipient: Recipient) -> RenderedMessage:
-        return self.renderer.render(
+        return self.languages.pick(recipient).render(
             recipient,
             unsubscribe_url=self.builder.unsubscribe_urls(recipient.email)[0],
             step=self.step,
@@ -370,7 +426,8 @@ class CampaignRun:
         """Record the list in the ledger and deliver every due message."""
         campaign = self.settings.campaign.id
         report = RunReport(campaign, self.step, self.dry_run, preflight)
-        command = "send --dry-run" if self.dry_run else "send"
+        command = "remind" if self.remind is not None else "send"
+        command += " --dry-run" if self.dry_run else ""
         await self.ledger.attach()
         try:
             run_id = await self._db(
@@ -379,7 +436,14 @@ class CampaignRun:
             report.recovered_unknown = await self._db(
                 Ledger.recover_interrupted, campaign, self.step
             )
-            report.new_rows = await self._load(run_id, preflight)
+            report.new_rows = await self._load(run_id, preflight.recipients())
+            if preflight.expired_count and self.remind is not None:
+                report.expired = await self._load(
+                    run_id,
+                    preflight.expired_recipients(),
+                    state=State.EXPIRED,
+                    reply=self.remind.expired_note,
+                )
             if self.resend_unknown:
                 report.requeued_unknown = await self._db(
                     Ledger.requeue_unknown, campaign, self.step, run_id
@@ -398,16 +462,33 @@ class CampaignRun:
             preflight.close()
         return report
 
-    async def _load(self, run_id: int, preflight: Preflight) -> int:
-        """Record the checked list in the ledger, a batch per commit; returns the new rows.
+    async def _load(
+        self,
+        run_id: int,
+        recipients: Iterable[Recipient],
+        *,
+        state: State = State.PENDING,
+        reply: str | None = None,
+    ) -> int:
+        """Record the checked recipients in the ledger, a batch per commit; returns the new rows.
 
         Each batch is read and sent while the ledger commits the one before.
         """
         campaign = self.settings.campaign.id
+        listed = self.remind is None  # remind's recipients are the ledger's own
         new = 0
         writing: asyncio.Future[int] | None = None
-        for batch in _batched(self._with_ids(preflight), _LOAD_BATCH):
-            following = self._db(Ledger.load, campaign, self.step, run_id, batch)
+        for batch in _batched(self._with_ids(recipients), _LOAD_BATCH):
+            following = self._db(
+                Ledger.load,
+                campaign,
+                self.step,
+                run_id,
+                batch,
+                state=state,
+                reply=reply,
+                listed=listed,
+            )
             if writing is not None:
                 new += await writing
             writing = following
@@ -421,15 +502,24 @@ class CampaignRun:
             with contextlib.suppress(AppealMailerError):  # a missed beat is not fatal
                 await self._db(Ledger.heartbeat, run_id)
 
-    def _with_ids(self, preflight: Preflight) -> Iterator[tuple[Recipient, str]]:
-        for recipient in preflight.recipients():
+    def _with_ids(self, recipients: Iterable[Recipient]) -> Iterator[tuple[Recipient, str]]:
+        for recipient in recipients:
             yield recipient, self.builder.message_id(self.step, recipient.email)
 
     async def _deliver(self, run_id: int, report: RunReport, progress: Progress | None) -> None:
         campaign = self.settings.campaign.id
         connections = self.transport.connections
-        scope = DueScope(campaign, self.step, run_id, self.now)
-        report.due = await self._db(Ledger.count_due, scope)
+        # A remind of a campaign's own step only retries, and sends what a send window
+        # held back: the rest of its pending rows are for `send` (its list) to send.
+        held_only = self.remind is not None and not self.remind.adds_rows
+        scope = DueScope(
+            campaign, self.step, None if self.remind else run_id, self.now, held_only=held_only
+        )
+        # Retries that are due first (they have waited longest), then the rest.
+        states = (State.DEFERRED, State.PENDING)
+        report.due = 0
+        for state in states:
+            report.due += await self._db(Ledger.count_due, scope, state)
         todo = report.due if self.limit is None else min(report.due, self.limit)
         if todo == 0:
             return
@@ -445,9 +535,8 @@ class CampaignRun:
         async def produce(domain: str | None, exclude: tuple[str, ...]) -> None:
             nonlocal produced
             try:
-                # Retries that are due first (they have waited longest), then the rest;
-                # each state paged on its own (Ledger.due_page).
-                for state in (State.DEFERRED, State.PENDING):
+                # Each state paged on its own (Ledger.due_page).
+                for state in states:
                     await produce_state(state, domain, exclude)
             except Exception as exc:  # any failure stops the run cleanly
                 self.stop(f"could not prepare the next message: {exc}", _error(exc))
@@ -480,7 +569,8 @@ class CampaignRun:
                         due.message_id,
                         self.wire_bytes(due.recipient),
                     )
-                    await feed.put(_Job(envelope, due.attempts))
+                    timezone = due.recipient.timezone or self.settings.campaign.timezone
+                    await feed.put(_Job(envelope, due.attempts, timezone))
                 after = page[-1].row_id
 
         # Rows are claimed only as workers can take them: a crash turns every
@@ -688,6 +778,9 @@ class CampaignRun:
                     progress.advance(_suppressed(job.envelope))
 
     async def _send(self, job: _Job) -> tuple[DeliveryResult, str | None]:
+        held = self._held(job)
+        if held is not None:
+            return held
         allowed = min(
             self.settings.sending.attempts_per_run,
             self.settings.sending.max_attempts - job.attempts_before,
@@ -715,6 +808,28 @@ class CampaignRun:
                 reply=f"internal error: {exc!r}",
             )
         return self._settle(result, job.attempts_before)
+
+    def _held(self, job: _Job) -> tuple[DeliveryResult, str | None] | None:
+        """Outside the subscriber's send window: back to `pending` until it opens, unsent."""
+        window = self.settings.sending.send_window
+        if window is None:
+            return None
+        # The run's clock: --now plus the time the run has taken so far.
+        now = self.now + timedelta(seconds=time.monotonic() - self._started)
+        opening = timezones.window_opening(
+            now, job.timezone, window.opens, window.closes, window.weekdays
+        )
+        if opening is None:
+            return None
+        local = opening.astimezone(timezones.zone(job.timezone))
+        held = DeliveryResult(
+            row_id=job.envelope.row_id,
+            recipient=job.envelope.recipient,
+            state=State.PENDING,
+            attempts=0,
+            reply=f"{HELD} until {local:%a %Y-%m-%d %H:%M} {job.timezone}",
+        )
+        return held, timestamp(opening)
 
     def _settle(
         self, result: DeliveryResult, attempts_before: int
@@ -748,7 +863,10 @@ class CampaignRun:
             report.sent += 1
             return
         if result.state is State.PENDING:
-            report.released += 1
+            if result.reply and result.reply.startswith(HELD):
+                report.held += 1
+            else:
+                report.released += 1
             return
         bucket = {
             State.FAILED: report.failed,

@@ -14,6 +14,7 @@ import re
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Iterator
+from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -183,12 +184,8 @@ def send(  # noqa: PLR0917  # click passes each option as an argument
             click.echo(report.nothing_to_send(preflight), err=True)
             sys.exit(EXIT_STOPPED)
         if not dry_run and not yes:
-            if not sys.stdin.isatty():
-                raise click.UsageError(
-                    "not a terminal, so cannot ask before sending: pass --yes to send"
-                )
             already = ledger.call(Ledger.counts, settings.campaign.id, template).get("sent", 0)
-            click.echo(
+            _confirm(
                 report.plan(
                     preflight,
                     campaign=settings.campaign.id,
@@ -199,9 +196,6 @@ def send(  # noqa: PLR0917  # click passes each option as an argument
                     limit=limit,
                 )
             )
-            if not click.confirm("\nSend now?", default=False):
-                click.echo("Nothing sent.")
-                sys.exit(EXIT_STOPPED)
         progress = _progress(obj, dry_run=dry_run)
         result = _run(_run_with_signals(run, preflight, progress))
     finally:
@@ -218,6 +212,142 @@ def send(  # noqa: PLR0917  # click passes each option as an argument
     if result.stopped_before_sending:
         sys.exit(EXIT_STOPPED)
     sys.exit(EXIT_TROUBLE if result.trouble else EXIT_OK)
+
+
+@main.command()
+@click.option(
+    "--now",
+    "as_of",
+    metavar="ISO-8601",
+    callback=lambda _ctx, _param, value: _moment(value),
+    help="Run as of this moment, e.g. 2026-12-01T09:00+06:00 (no offset: UTC) [default: now].",
+)
+@click.option("--campaign", callback=_name, help="Campaign ID [default: from config].")
+@click.option("--dry-run", is_flag=True, help="Render what is due into --out; send nothing.")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where a dry run writes its .eml files, a folder per step [default: ./preview].",
+)
+@click.option("--yes", "-y", is_flag=True, help="Do not ask before sending (cron, scripts).")
+@click.pass_obj
+@_reported
+def remind(  # noqa: PLR0917  # click passes each option as an argument
+    obj: _Context,
+    as_of: datetime | None,
+    campaign: str | None,
+    dry_run: bool,
+    out: Path | None,
+    yes: bool,
+) -> None:
+    """Send every follow-up that is due now, and retry what is due again (what cron runs).
+
+    Each [[reminders]] entry goes to those whose earlier step was sent at least
+    `after` ago; one due longer ago than `expires_after` is recorded as expired,
+    never sent late. Run it as often as you like: what was sent is not sent
+    again, and two runs at once never send the same message. With -q it prints
+    nothing when all went well.
+    """
+    from appeal_mailer import report  # noqa: PLC0415  # keep --help fast
+    from appeal_mailer.campaign import CampaignRun  # noqa: PLC0415
+    from appeal_mailer.ledger import Ledger  # noqa: PLC0415
+    from appeal_mailer.ledger_process import open_for_run  # noqa: PLC0415
+    from appeal_mailer.ratelimit import RateLimiter  # noqa: PLC0415
+    from appeal_mailer.reminders import plan  # noqa: PLC0415
+    from appeal_mailer.transport import DryRunTransport, SMTPTransport, Transport  # noqa: PLC0415
+
+    if out is not None and not dry_run:
+        raise click.UsageError("--out is only for --dry-run")
+    settings = obj.settings(campaign)
+    now = as_of or datetime.now(UTC)
+    out = out or Path("preview")
+    limiter = RateLimiter(settings.sending.rate, dict(settings.sending.domain_limits))
+    ledger = open_for_run(
+        settings.ledger_url,
+        scratch_copy=dry_run,
+        durability=settings.ledger.durability,
+        campaign=settings.campaign.id,
+    )
+    results = []
+    try:
+        for step in plan(settings, ledger.call(Ledger.steps, settings.campaign.id), now):
+            transport: Transport
+            if dry_run:
+                _clear_preview(out / step.step)
+                transport = DryRunTransport(out / step.step)
+            else:
+                transport = SMTPTransport(settings.smtp, settings.sending, limiter)
+            run = CampaignRun(
+                settings,
+                ledger,
+                transport,
+                template=step.template,
+                remind=step,
+                dry_run=dry_run,
+                now=now,
+                pace=None if dry_run else limiter,
+            )
+            preflight = run.prepare()
+            if preflight.valid == 0 and preflight.expired_count == 0:
+                preflight.close()
+                continue  # nothing due for this step: the usual case, and silent
+            if not dry_run and not yes and preflight.valid:
+                _confirm(
+                    report.plan(
+                        preflight,
+                        campaign=settings.campaign.id,
+                        template=step.template,
+                        server=transport.description,
+                        rate=settings.sending.rate,
+                        already_sent=0,
+                        limit=None,
+                    )
+                )
+            result = _run(_run_with_signals(run, preflight, _progress(obj, dry_run=dry_run)))
+            results.append(result)
+            if result.stopped is not None:
+                break  # a server problem or a signal: the next cron run carries on
+    finally:
+        ledger.close()
+    for result in results:
+        text = report.summary(result)
+        if result.expired:
+            # Said even with -q: cron was down, or a backup was restored; worth a mail.
+            click.echo(
+                f"{settings.campaign.id}/{result.step}: {result.expired} reminders came due "
+                "too long ago and were recorded as expired, not sent",
+                err=True,
+            )
+        if obj.verbosity >= 0 or result.trouble:
+            click.echo(text)
+    if dry_run and results:
+        click.echo(f"Preview: {out}/ (a folder per step: one .eml per message, index.csv)")
+    if any(result.stopped_before_sending for result in results):
+        sys.exit(EXIT_STOPPED)
+    sys.exit(EXIT_TROUBLE if any(result.trouble for result in results) else EXIT_OK)
+
+
+def _confirm(plan_text: str) -> None:
+    """Show what is about to be sent and ask; exit if the answer is no, or nobody can answer."""
+    if not sys.stdin.isatty():
+        raise click.UsageError("not a terminal, so cannot ask before sending: pass --yes to send")
+    click.echo(plan_text)
+    if not click.confirm("\nSend now?", default=False):
+        click.echo("Nothing sent.")
+        sys.exit(EXIT_STOPPED)
+
+
+def _moment(text: str | None) -> datetime | None:
+    """An ISO 8601 moment from the command line; without an offset it is UTC."""
+    if text is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r} is not an ISO 8601 moment such as 2026-12-01T09:00+06:00"
+        ) from None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
 @main.command()

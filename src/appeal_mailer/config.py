@@ -11,13 +11,15 @@ import ipaddress
 import os
 import re
 import tomllib
+from datetime import time, timedelta
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from email_validator import EmailNotValidError, validate_email
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
@@ -32,6 +34,7 @@ from pydantic_settings import (
     SettingsConfigDict,
     SettingsError,
 )
+from pytimeparse.timeparse import timeparse
 
 from appeal_mailer.errors import ConfigError
 from appeal_mailer.models import NAME_MAX, NAME_PATTERN
@@ -87,6 +90,33 @@ class SmtpSettings(_Section):
         return self
 
 
+def _duration(value: Any) -> timedelta:
+    """ "3 days", "36h", "1 day 12 hours", "90 minutes" (pytimeparse), or seconds as a number."""
+    if isinstance(value, timedelta):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds: float | None = float(value)
+    elif isinstance(value, str):
+        seconds = timeparse(value)
+    else:
+        seconds = None
+    if seconds is None or seconds < 0:
+        raise ValueError(f"{value!r} is not a duration such as '3 days', '36h' or '90 minutes'")
+    return timedelta(seconds=seconds)
+
+
+Duration = Annotated[timedelta, BeforeValidator(_duration)]
+_WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+class SendWindow(NamedTuple):
+    """Local hours and weekdays in which a subscriber may be mailed (in their own zone)."""
+
+    opens: time
+    closes: time  # at or before `opens`: the window runs past midnight
+    weekdays: frozenset[int]  # 0 = Monday, as datetime.weekday()
+
+
 class SendingSettings(_Section):
     rate: float = Field(default=5.0, ge=0, description="messages per second, 0 = unlimited")
     max_attempts: int = Field(default=8, ge=1, le=100)
@@ -95,10 +125,39 @@ class SendingSettings(_Section):
     retry_max_delay: float = Field(default=600.0, ge=0)
     domain_limits: dict[str, Annotated[float, Field(gt=0)]] = Field(default_factory=dict)
 
+    # "09:00-20:00": mail each subscriber only between these hours of their own time
+    # zone (the list's `timezone` column, else [campaign] timezone); absent: any time.
+    window: str | None = None
+    # The weekdays the window is open ("mon" ... "sun"); all by default.
+    weekdays: tuple[str, ...] = _WEEKDAYS
+
     @field_validator("domain_limits")
     @classmethod
     def _lowercase_domains(cls, value: dict[str, float]) -> dict[str, float]:
         return {domain.strip().lower().rstrip("."): rate for domain, rate in value.items()}
+
+    @field_validator("window")
+    @classmethod
+    def _check_window(cls, value: str | None) -> str | None:
+        if value is not None:
+            _parse_window(value)
+        return value
+
+    @field_validator("weekdays")
+    @classmethod
+    def _check_weekdays(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        days = tuple(day.strip().lower()[:3] for day in value)
+        unknown = [day for day in days if day not in _WEEKDAYS]
+        if unknown or not days:
+            raise ValueError(f"weekdays must be some of {', '.join(_WEEKDAYS)}, not {value!r}")
+        return days
+
+    @property
+    def send_window(self) -> SendWindow | None:
+        if self.window is None and len(set(self.weekdays)) == len(_WEEKDAYS):
+            return None
+        opens, closes = _parse_window(self.window or "00:00-00:00")
+        return SendWindow(opens, closes, frozenset(_WEEKDAYS.index(d) for d in self.weekdays))
 
 
 class CampaignSettings(_Section):
@@ -189,6 +248,25 @@ class CampaignSettings(_Section):
         return self
 
 
+class ReminderSettings(_Section):
+    """One `[[reminders]]` entry: a follow-up that `remind` sends when it is due."""
+
+    # The ledger step (and the Message-ID's part): one row per subscriber, sent once.
+    name: str = Field(pattern=NAME_PATTERN, max_length=NAME_MAX)
+    # The template to send [default: the name].
+    template: str | None = Field(default=None, pattern=NAME_PATTERN, max_length=NAME_MAX)
+    # The earlier step whose `sent` rows it follows [default: [campaign] template].
+    after_step: str | None = Field(default=None, pattern=NAME_PATTERN, max_length=NAME_MAX)
+    # Due this long after the subscriber's earlier step was sent.
+    after: Duration
+    # A reminder due longer ago than this is never sent: it is recorded `expired`.
+    expires_after: Duration = timedelta(days=1)
+
+    @property
+    def template_name(self) -> str:
+        return self.template or self.name
+
+
 class LedgerSettings(_Section):
     path: Path = Path("appeal-mailer.db")
     # "power": every commit survives power loss (SQLite synchronous=FULL);
@@ -223,6 +301,7 @@ class Settings(BaseSettings):
     sending: SendingSettings = SendingSettings()
     campaign: CampaignSettings
     ledger: LedgerSettings = LedgerSettings()
+    reminders: tuple[ReminderSettings, ...] = ()
     # The file these settings came from; relative paths were resolved against it.
     source: Path = Path("config.toml")
 
@@ -237,6 +316,23 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The environment beats the secrets directory, which beats the TOML file.
         return (env_settings, NestedSecretsSettingsSource(file_secret_settings), init_settings)
+
+    @model_validator(mode="after")
+    def _check_reminders(self) -> Settings:
+        names = [reminder.name for reminder in self.reminders]
+        for index, reminder in enumerate(self.reminders):
+            if names.count(reminder.name) > 1:
+                raise ValueError(f"reminders.{index}: two reminders named {reminder.name!r}")
+            if reminder.name in {self.campaign.template, self.after_step(reminder)}:
+                raise ValueError(
+                    f"reminders.{index}: name {reminder.name!r} is already the step it follows "
+                    "or the campaign's template; give the reminder its own name"
+                )
+        return self
+
+    def after_step(self, reminder: ReminderSettings) -> str:
+        """The step whose `sent` rows `reminder` follows."""
+        return reminder.after_step or self.campaign.template
 
     @property
     def ledger_url(self) -> str:
@@ -327,6 +423,9 @@ def _config_error(exc: ValidationError, path: Path) -> ConfigError:
     loc = [str(part) for part in first["loc"]]
     if loc and loc[0] in {"smtp", "sending", "campaign", "ledger"}:
         key = f"[{loc[0]}] " + ".".join(loc[1:]) if len(loc) > 1 else f"[{loc[0]}]"
+    elif len(loc) > 1 and loc[0] == "reminders" and loc[1].isdigit():
+        # The n-th [[reminders]] entry of the file, counted from 1 as people count.
+        key = f"[[reminders]] #{int(loc[1]) + 1} " + ".".join(loc[2:])
     else:
         key = ".".join(loc)
     message = first["msg"].removeprefix("Value error, ")
@@ -376,3 +475,12 @@ def _parse_list_id(value: str) -> tuple[str, str]:
             "list_id must look like 'Campaign name <appeal.lists.example.org>' (RFC 2919)"
         )
     return match.group(1).strip().strip('"'), match.group(2)
+
+
+def _parse_window(value: str) -> tuple[time, time]:
+    match = re.fullmatch(r"\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*", value)
+    if match is not None:
+        h1, m1, h2, m2 = (int(part) for part in match.groups())
+        if h1 < 24 and h2 <= 24 and m1 < 60 and m2 < 60:
+            return time(h1, m1), time(0, 0) if h2 == 24 else time(h2, m2)
+    raise ValueError(f"window must look like '09:00-20:00' (local hours), not {value!r}")

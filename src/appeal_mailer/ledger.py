@@ -127,12 +127,19 @@ def timestamp(moment: datetime | None = None) -> str:
 
 @dataclass(frozen=True, slots=True)
 class DueScope:
-    """Which rows a run may send: its campaign step, the addresses of its list, as of `now`."""
+    """Which rows a run may send: its campaign step, the addresses of its list, as of `now`.
+
+    `listed_by` is the run whose list the addresses must be on (`send`); None for
+    every row of the step (`remind`, whose rows come from the ledger itself).
+    """
 
     campaign: str
     step: str
-    run_id: int
+    listed_by: int | None
     now: datetime
+    # Pending rows only if held back for a send window and due again: `remind` of a
+    # campaign's own step, which leaves the rest of its pending rows to `send`.
+    held_only: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +150,15 @@ class DueRow:
     recipient: Recipient
     message_id: str
     attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class FollowUp:
+    """A subscriber a reminder follows: their earlier step's row, and when it was sent."""
+
+    row_id: int
+    recipient: Recipient
+    sent_at: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,12 +305,19 @@ class Ledger:
         step: str,
         run_id: int,
         items: Iterable[tuple[Recipient, str]],
+        *,
+        state: State = State.PENDING,
+        reply: str | None = None,
+        listed: bool = True,
     ) -> int:
-        """Record each (recipient, message_id) for this run; new rows start `pending`.
+        """Record each (recipient, message_id) for this run; new rows start in `state`.
 
         Returns how many delivery rows were new. A recipient already in the ledger
         keeps its state (a re-run never re-sends what was sent); its list data is
         refreshed, so a corrected name is used for what is still to be sent.
+        `reply` is the new rows' note (why a reminder expired). With `listed` False
+        the recipients' data and list run are left as they are (`remind` takes its
+        recipients from the ledger, not from a list).
         """
         now = timestamp()
         new = 0
@@ -302,19 +325,20 @@ class Ledger:
             # One commit per batch: a kill mid-list leaves whole batches, and memory
             # holds one batch. On the driver's cursor, as the hot path (_Compiled).
             with self._hot_write() as (cursor, hot):
-                cursor.executemany(
-                    hot.upsert_recipient.sql,
-                    [
-                        hot.upsert_recipient.params(
-                            campaign=campaign,
-                            email=r.email,
-                            line=r.line,
-                            data=r.data_json(),
-                            seen_run=run_id,
-                        )
-                        for r, _ in batch
-                    ],
-                )
+                if listed:
+                    cursor.executemany(
+                        hot.upsert_recipient.sql,
+                        [
+                            hot.upsert_recipient.params(
+                                campaign=campaign,
+                                email=r.email,
+                                line=r.line,
+                                data=r.data_json(),
+                                seen_run=run_id,
+                            )
+                            for r, _ in batch
+                        ],
+                    )
                 cursor.executemany(
                     hot.insert_delivery.sql,
                     [
@@ -322,8 +346,9 @@ class Ledger:
                             campaign=campaign,
                             step=step,
                             email=r.email,
-                            state=State.PENDING.value,
+                            state=state.value,
                             attempts=0,
+                            smtp_reply=reply,
                             message_id=message_id,
                             updated_at=now,
                         )
@@ -435,21 +460,139 @@ class Ledger:
             for row in page
         ]
 
-    def count_due(self, scope: DueScope) -> int:
-        query = self._due_query(scope).with_only_columns(sa.func.count())
+    # -- follow-ups (remind) -----------------------------------------------------------
+
+    def steps(self, campaign: str) -> list[str]:
+        """The steps this campaign has rows for, in name order."""
+        query = (
+            sa.select(deliveries.c.step)
+            .where(deliveries.c.campaign == campaign)
+            .group_by(deliveries.c.step)
+            .order_by(deliveries.c.step)
+        )
+        with self._read() as conn:
+            return list(conn.execute(query).scalars())
+
+    def followups(
+        self, campaign: str, after_step: str, step: str, sent_before: datetime, after: int = 0
+    ) -> list[FollowUp]:
+        """The next page (id order, after row `after`) of rows `step` follows and has not yet.
+
+        Those are the subscribers whose `after_step` row is `sent`, since before
+        `sent_before`, and who have no `step` row yet. When a row was sent is its
+        `updated_at`: nothing changes a `sent` row afterwards.
+        """
+        later = deliveries.alias("later")
+        query = (
+            sa.select(
+                deliveries.c.id,
+                deliveries.c.updated_at,
+                recipients.c.email,
+                recipients.c.line,
+                recipients.c.data,
+            )
+            .join(
+                recipients,
+                sa.and_(
+                    recipients.c.campaign == deliveries.c.campaign,
+                    recipients.c.email == deliveries.c.email,
+                ),
+            )
+            .where(
+                deliveries.c.campaign == campaign,
+                deliveries.c.step == after_step,
+                deliveries.c.state == State.SENT.value,
+                deliveries.c.updated_at <= timestamp(sent_before),
+                deliveries.c.id > after,
+                ~sa.exists().where(
+                    later.c.campaign == campaign,
+                    later.c.step == step,
+                    later.c.email == deliveries.c.email,
+                ),
+            )
+            .order_by(deliveries.c.id)
+            .limit(_BATCH)
+        )
+        with self._read() as conn:
+            page = conn.execute(query).all()
+        return [
+            FollowUp(
+                row_id=row.id,
+                recipient=Recipient.from_data_json(row.email, row.line, row.data),
+                sent_at=datetime.fromisoformat(row.updated_at),
+            )
+            for row in page
+        ]
+
+    def retries(
+        self, campaign: str, step: str, now: datetime, *, pending: bool, after: int = 0
+    ) -> list[tuple[int, Recipient]]:
+        """The next page of `step`'s rows to try again now: deferred or held, and due.
+
+        `remind` sends these along with new follow-ups: a deferred retry is due at
+        its next attempt time, and a reminder row still `pending` was created by an
+        earlier `remind` that stopped (or held back outside the send window).
+        """
+        # Deferred and due, or held back for a send window and due; with `pending`,
+        # every pending row (a reminder's, made by an earlier `remind`).
+        due = sa.and_(
+            deliveries.c.state.in_([State.DEFERRED.value, State.PENDING.value]),
+            deliveries.c.next_attempt_at <= timestamp(now),
+        )
+        if pending:
+            due = sa.or_(
+                due,
+                sa.and_(
+                    deliveries.c.state == State.PENDING.value,
+                    deliveries.c.next_attempt_at.is_(None),
+                ),
+            )
+        query = (
+            sa.select(deliveries.c.id, recipients.c.email, recipients.c.line, recipients.c.data)
+            .join(
+                recipients,
+                sa.and_(
+                    recipients.c.campaign == deliveries.c.campaign,
+                    recipients.c.email == deliveries.c.email,
+                ),
+            )
+            .where(
+                deliveries.c.campaign == campaign,
+                deliveries.c.step == step,
+                deliveries.c.id > after,
+                due,
+            )
+            .order_by(deliveries.c.id)
+            .limit(_BATCH)
+        )
+        with self._read() as conn:
+            page = conn.execute(query).all()
+        return [(row.id, Recipient.from_data_json(row.email, row.line, row.data)) for row in page]
+
+    def count_due(self, scope: DueScope, state: State | None = None) -> int:
+        """How many rows `due_page` gives (of `state` only, with one)."""
+        query = self._due_query(scope, state).with_only_columns(sa.func.count())
         with self._read() as conn:
             return int(conn.execute(query).scalar_one())
 
     def _due_query(self, scope: DueScope, state: State | None = None) -> sa.Select[Any]:
         """Due rows of `scope`: pending or deferred-and-due, or only those of `state`."""
-        due = {
-            State.PENDING: deliveries.c.state == State.PENDING.value,
+        now = timestamp(scope.now)
+        # A pending row with a next attempt time was held back for its send window.
+        held_due = deliveries.c.next_attempt_at <= now
+        due: dict[State, sa.ColumnElement[bool]] = {
+            State.PENDING: sa.and_(
+                deliveries.c.state == State.PENDING.value,
+                held_due
+                if scope.held_only
+                else sa.or_(deliveries.c.next_attempt_at.is_(None), held_due),
+            ),
             State.DEFERRED: sa.and_(
                 deliveries.c.state == State.DEFERRED.value,
-                deliveries.c.next_attempt_at <= timestamp(scope.now),
+                deliveries.c.next_attempt_at <= now,
             ),
         }
-        return (
+        query = (
             sa.select(
                 deliveries.c.id,
                 deliveries.c.message_id,
@@ -468,10 +611,12 @@ class Ledger:
             .where(
                 deliveries.c.campaign == scope.campaign,
                 deliveries.c.step == scope.step,
-                recipients.c.seen_run == scope.run_id,
                 due[state] if state is not None else sa.or_(*due.values()),
             )
         )
+        if scope.listed_by is not None:
+            query = query.where(recipients.c.seen_run == scope.listed_by)
+        return query
 
     def claim(self, row_ids: Sequence[int], run_id: int) -> tuple[list[int], list[int]]:
         """Mark rows `sending`, durably, before any of their DATA starts.
@@ -932,7 +1077,16 @@ class _HotStatements:
             insert_delivery=_Compiled.of(
                 insert_delivery,
                 dialect,
-                ["campaign", "step", "email", "state", "attempts", "message_id", "updated_at"],
+                [
+                    "campaign",
+                    "step",
+                    "email",
+                    "state",
+                    "attempts",
+                    "smtp_reply",
+                    "message_id",
+                    "updated_at",
+                ],
             ),
         )
 

@@ -28,6 +28,8 @@ class State(enum.StrEnum):
     UNKNOWN = "unknown"
     SUPPRESSED = "suppressed"
     INVALID = "invalid"
+    # A reminder that came due too long ago (cron was down): recorded, never sent late.
+    EXPIRED = "expired"
 
 
 @dataclass(frozen=True, slots=True)

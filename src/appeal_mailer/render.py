@@ -10,6 +10,8 @@ the HTML body of a multipart/alternative message; it has no header block.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import functools
 import re
 import secrets
@@ -24,7 +26,7 @@ import jinja2
 from jinja2.filters import do_wordwrap
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from appeal_mailer import timezones
+from appeal_mailer import links, timezones
 from appeal_mailer.errors import TemplateError
 from appeal_mailer.models import Recipient, RenderedMessage
 
@@ -48,12 +50,22 @@ class _HeaderBlockLoader(jinja2.FileSystemLoader):
     """Gives Jinja the body of a sendable template, with its header block commented out.
 
     The header lines stay in the source inside a comment, so that line numbers in
-    error messages match the file as the user sees it.
+    error messages match the file as the user sees it. With `language`, a template
+    included by name ("_footer.txt.j2") is taken from that language's folder
+    ("ru/_footer.txt.j2") when it has one, else from the default's.
     """
+
+    def __init__(self, searchpath: str, language: str | None = None) -> None:
+        super().__init__(searchpath)
+        self._language = language
 
     def get_source(
         self, environment: jinja2.Environment, template: str
     ) -> tuple[str, str, Callable[[], bool]]:
+        prefix = f"{self._language}/" if self._language else ""
+        if prefix and not template.startswith(prefix):
+            with contextlib.suppress(jinja2.TemplateNotFound):
+                return self.get_source(environment, prefix + template)
         source, filename, uptodate = super().get_source(environment, template)
         if _is_sendable(template):
             head, body = split_header_block(source, template)
@@ -100,6 +112,49 @@ _UNKNOWN = object()
 
 class _PersonalValueUsed(Exception):
     """A template used `recipient` or `unsubscribe_url` (see Renderer._render_shared)."""
+
+
+class Languages:
+    """A step's template in each language it has a version in, and the default for the rest.
+
+    `templates/NAME.txt.j2` is the campaign's default language ([campaign]
+    language); `templates/ru/NAME.txt.j2` is the Russian version, for subscribers
+    whose `language` column says "ru" (or "ru-RU"). A subscriber whose language has
+    no version gets the default, and `fell_back` counts them by language, for the
+    run's report.
+    """
+
+    def __init__(self, directory: Path, name: str, **options: Any) -> None:
+        self.default = Renderer(directory, name, **options)
+        self.default_language = _language_key(options.get("default_language", "en"))
+        self._versions = {
+            folder.name.lower(): Renderer(directory, name, language=folder.name, **options)
+            for folder in sorted(directory.iterdir())
+            if folder.is_dir() and (folder / (name + TEXT_SUFFIX)).is_file()
+        }
+        self.fell_back: collections.Counter[str] = collections.Counter()
+        self.used: collections.Counter[str] = collections.Counter()
+
+    @property
+    def versions(self) -> list[str]:
+        return sorted(self._versions)
+
+    def pick(self, recipient: Recipient, *, count: bool = False) -> Renderer:
+        """The renderer for `recipient`'s language; `count` it (in the pre-flight pass)."""
+        wanted = _language_key(recipient.language) or self.default_language
+        found = self._versions.get(wanted) or self._versions.get(wanted.partition("-")[0])
+        if found is not None and wanted != self.default_language:
+            if count:
+                self.used[found.language or wanted] += 1
+            return found
+        if count and wanted.partition("-")[0] != self.default_language.partition("-")[0]:
+            self.fell_back[wanted] += 1
+        return self.default
+
+
+def _language_key(language: str) -> str:
+    # "ru_RU", "RU-ru" and "ru-RU" all mean the same language tag (BCP 47 is case-blind).
+    return language.strip().lower().replace("_", "-")
 
 
 def _refuse(*_args: Any, **_kwargs: Any) -> Any:
@@ -187,7 +242,11 @@ def _cached_wordwrap(environment: jinja2.Environment) -> Callable[..., str]:
 
 
 class Renderer:
-    """Renders one campaign step's template for each recipient; loaded once per run."""
+    """Renders one campaign step's template for each recipient; loaded once per run.
+
+    With `language`, the template is that language's version in its folder
+    (`templates/ru/protest.txt.j2`, and `protest.html.j2` only from there too).
+    """
 
     def __init__(
         self,
@@ -199,13 +258,15 @@ class Renderer:
         default_timezone: str,
         default_language: str = "en",
         now: datetime,
+        language: str | None = None,
     ) -> None:
-        self.name = name
-        self.text_name = name + TEXT_SUFFIX
+        self.language = language
+        self.name = f"{language}/{name}" if language else name
+        self.text_name = self.name + TEXT_SUFFIX
         self._default_timezone = default_timezone
         self._default_language = default_language
         self._env = _Environment(
-            loader=_HeaderBlockLoader(str(directory)),
+            loader=_HeaderBlockLoader(str(directory), language),
             undefined=jinja2.StrictUndefined,
             autoescape=lambda template: bool(template and template.endswith(HTML_SUFFIX)),
             keep_trailing_newline=True,
@@ -218,6 +279,7 @@ class Renderer:
             hours_ahead=timezones.hours_ahead,
             office_hours=timezones.office_hours,
             local_time=timezones.local_time,
+            mailto=links.mailto,
         )
         self._env.filters["local_time"] = timezones.local_time
         self._env.filters["wordwrap"] = _cached_wordwrap(self._env)

@@ -57,6 +57,7 @@ def plan(
         f"Rate:       {_rate(rate)}, estimated time {_duration(to_send, rate)}",
     ]
     lines += _skipped_lines(preflight)
+    lines += _language_lines(preflight)
     if preflight.sample is not None and preflight.sample_recipient is not None:
         lines += ["", f"Sample, as {preflight.sample_recipient.email} will get it:", ""]
         lines += readable(preflight.sample).splitlines()
@@ -98,9 +99,10 @@ def summary(report: RunReport) -> str:
         f"{preflight.skipped_count} rows skipped",
     ]
     lines += _skipped_lines(preflight)
+    lines += _language_lines(preflight)
     for title, rows in (
         ("Failed (not retried)", report.failed),
-        ("Deferred (retried by the next `send`)", report.deferred),
+        ("Deferred (retried by the next `send` or `remind`)", report.deferred),
         (
             "Unknown (the connection broke after the message was sent; not re-sent "
             "unless you run send --resend-unknown)",
@@ -127,7 +129,17 @@ def summary(report: RunReport) -> str:
         )
     if report.released:
         lines.append(f"{report.released} claimed messages were not sent and are pending again")
-    remaining = report.due - report.sent - report.suppressed
+    if report.held:
+        lines.append(
+            f"{report.held} messages wait for their subscribers' send window "
+            "([sending] window): the next `remind` after it opens sends them"
+        )
+    if report.expired:
+        lines.append(
+            f"{report.expired} reminders came due too long ago ([[reminders]] expires_after): "
+            "recorded as expired, not sent"
+        )
+    remaining = report.due - report.sent - report.suppressed - report.held
     remaining -= len(report.failed) + len(report.deferred) + len(report.unknown)
     if remaining > 0:
         lines.append(f"{remaining} messages are still to send: run the same command again")
@@ -258,6 +270,24 @@ def _cell(value: object) -> object:
     if isinstance(value, str) and value.startswith(_FORMULA_START):
         return "'" + value
     return value
+
+
+def _language_lines(preflight: Preflight) -> list[str]:
+    """Who got a language version, and who asked for a language that has none."""
+    lines = []
+    if preflight.languages:
+        lines.append(f"In their own language: {_by_language(preflight.languages)}")
+    if preflight.fell_back:
+        lines.append(
+            "No version in their language, given the default: "
+            f"{_by_language(preflight.fell_back)} "
+            "(add templates/LANGUAGE/ beside the default templates)"
+        )
+    return lines
+
+
+def _by_language(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n} {language}" for language, n in sorted(counts.items()))
 
 
 def _skipped_lines(preflight: Preflight) -> list[str]:

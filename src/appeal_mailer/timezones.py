@@ -82,6 +82,37 @@ def local_time(moment: datetime, tz: str, fmt: str = "%Y-%m-%d %H:%M") -> str:
     return moment.astimezone(zone(tz)).strftime(fmt)
 
 
+def window_opening(
+    moment: datetime, tz: str, opens: time, closes: time, weekdays: frozenset[int]
+) -> datetime | None:
+    """None if `moment` is inside the send window in zone `tz`; else when it next opens (UTC).
+
+    The window opens at `opens` local time on each of `weekdays` (0 = Monday) and
+    closes at `closes`, the next day if `closes` is not after `opens` (equal: a
+    whole day). Wall-clock times are placed on each day by zoneinfo, so a window
+    keeps its local hours across daylight-saving changes: the same 09:00 in
+    London is 09:00 UTC in January and 08:00 UTC in July. All comparisons are in
+    UTC (two datetimes of one zone would compare by wall clock, which a DST
+    fold makes ambiguous).
+    """
+    place = zone(tz)
+    now = (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).astimezone(UTC)
+    today = now.astimezone(place).date()
+    # Yesterday's window may still be open past midnight; then up to a week ahead.
+    for offset in range(-1, 9):
+        day = today + timedelta(days=offset)
+        if day.weekday() not in weekdays:
+            continue
+        start = datetime.combine(day, opens, tzinfo=place).astimezone(UTC)
+        end_day = day if closes > opens else day + timedelta(days=1)
+        end = datetime.combine(end_day, closes, tzinfo=place).astimezone(UTC)
+        if start <= now < end:
+            return None
+        if start > now:
+            return start
+    raise ValueError("a send window needs at least one weekday")  # config.py ensures one
+
+
 def _parse_hours(hours: str) -> tuple[time, time]:
     try:
         first, _, second = hours.replace("\N{EN DASH}", "-").partition("-")
