@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from urllib.parse import quote
 
+from markupsafe import Markup
+
 
 def mailto(
     to: str | Iterable[str],
@@ -24,6 +26,9 @@ def mailto(
     cannot break the URI or be read as a space (6.2); line breaks in the body
     become %0D%0A (section 5). Addresses are joined by "," and keep their "@".
     """
+    # Text captured in an HTML template ({% set letter %}) arrives HTML-escaped: the
+    # link must carry the letter's own characters ("&", not "&amp;").
+    subject, body = _plain(subject), _plain(body)
     uri = "mailto:" + ",".join(quote(address, safe="@") for address in _addresses(to))
     fields = []
     if cc:
@@ -34,6 +39,10 @@ def mailto(
         lines = body.replace("\r\n", "\n").replace("\r", "\n").split("\n")
         fields.append("body=" + quote("\r\n".join(lines), safe=""))
     return uri + ("?" + "&".join(fields) if fields else "")
+
+
+def _plain(text: str | None) -> str | None:
+    return text.unescape() if isinstance(text, Markup) else text
 
 
 def _addresses(value: str | Iterable[str]) -> list[str]:
