@@ -415,3 +415,55 @@ def test_a_bad_reminder_or_window_is_a_config_error_naming_the_key(
         load_settings(write_config(**overrides))
     assert message in str(caught.value)
     assert key in str(caught.value)
+
+
+def test_a_reminder_due_at_night_waits_for_the_morning_across_the_dst_change(
+    run_cli: CliRun,
+    write_config: ConfigWriter,
+    write_list: ListWriter,
+    smtp_server: RecordingServer,
+) -> None:
+    """Due on Saturday 27 March 2027, 21:00 UTC: London waits until 09:00 BST, Almaty 09:00.
+
+    The clocks go forward in London that night, so its window opens at 08:00 UTC;
+    Almaty (UTC+5, no DST) opens at 04:00 UTC. Each is held until then, not before.
+    """
+    due = utc("2027-03-27T21:00")
+    after = due - datetime.now(UTC) - timedelta(hours=1)  # due an hour before `due`
+    london, almaty = "london@example.org", "almaty@example.org"
+    rows = [
+        {"email": london, "name": "L", "timezone": "Europe/London"},
+        {"email": almaty, "name": "A", "timezone": "Asia/Almaty"},
+    ]
+    # The appeal goes out now, with no window; then the config gets one (same file).
+    plain = write_config(reminders=[{**REMINDER, "after": after.total_seconds()}])
+    assert send(run_cli, write_list(rows), plain).exit_code == EXIT_OK
+    config = write_config(
+        sending={"window": "09:00-20:00"},
+        reminders=[{**REMINDER, "after": after.total_seconds(), "expires_after": "30 days"}],
+    )
+    sent_first = len(smtp_server.messages)
+    assert remind(run_cli, config, due, quiet=True).exit_code == EXIT_OK
+    assert len(smtp_server.messages) == sent_first
+    report = status(run_cli, config)
+    held = {r["email"]: r for r in report["recipients"] if r["step"] == "reminder"}
+    assert {r["state"] for r in held.values()} == {"pending"}
+    assert "held until Sun 2027-03-28 09:00 Europe/London" in held[london]["smtp_reply"]
+    assert "held until Sun 2027-03-28 09:00 Asia/Almaty" in held[almaty]["smtp_reply"]
+
+    def reminded() -> set[str]:
+        return {
+            email
+            for email in (london, almaty)
+            if any("has your fax reached" in s for s in subjects_for(smtp_server, email))
+        }
+
+    for moment, expected in [
+        ("2027-03-28T03:59", set()),
+        ("2027-03-28T04:01", {almaty}),
+        ("2027-03-28T07:59", {almaty}),  # 08:59 BST in London
+        ("2027-03-28T08:01", {almaty, london}),
+    ]:
+        assert remind(run_cli, config, utc(moment), quiet=True).exit_code == EXIT_OK
+        assert reminded() == expected, moment
+    assert len(smtp_server.messages) == sent_first + 2
