@@ -220,3 +220,48 @@ def test_the_protest_links_to_its_own_letter_addressed_to_the_court(
     # The text part's link holds the very letter printed above it.
     letter = parse(text_link.group())[1]["body"][0].replace("\r\n", "\n")
     assert letter.strip() in text
+
+
+@pytest.mark.parametrize("template", ["appeal", "protest", "reminder"])
+def test_the_shipped_russian_versions_render_in_russian_for_ru_subscribers(
+    run_cli: CliRun, write_list: ListWriter, smtp_server: RecordingServer, template: str
+) -> None:
+    """templates/ru: Russian subject and text, no English left, lines of 72, hours in Russian.
+
+    A subscriber in Los Angeles sees the court's hours end the next day: said in
+    Russian too, not with the English helper's words.
+    """
+    rows = [
+        {"email": "sergey@example.org", "name": "Сергей Волков", "organization": "Профсоюз",
+         "language": "ru", "timezone": "Europe/Moscow"},
+        {"email": "olga@example.org", "name": "Ольга", "organization": "",
+         "language": "ru-RU", "timezone": "America/Los_Angeles"},
+        {"email": "tom@example.org", "name": "Tom", "organization": "Branch 7",
+         "language": "en", "timezone": "Europe/London"},
+    ]  # fmt: skip
+    result = run_cli("send", str(write_list(rows)), "--template", template, "--yes")
+    assert result.exit_code == 0, result.output
+    assert "In their own language: 2 ru" in result.output
+    by_recipient = {
+        m.rcpt_tos[0]: message_from_bytes(m.data, policy=policy.default)
+        for m in smtp_server.messages
+    }
+    english = by_recipient["tom@example.org"]
+    assert not re.search("[а-яё]", str(english["Subject"]), re.IGNORECASE)
+    for email in ("sergey@example.org", "olga@example.org"):
+        message = by_recipient[email]
+        assert isinstance(message, EmailMessage)
+        assert re.search("[а-яё]", str(message["Subject"]), re.IGNORECASE)
+        part = message.get_body(("plain",))
+        assert part is not None
+        text = part.get_content().replace("\r\n", "\n")
+        for leftover in ("Dear ", "Court President", "ending the next day", "Yours sincerely"):
+            assert leftover not in text, f"{email}: English left: {leftover!r}"
+        long_lines = [
+            line for line in text.splitlines() if len(line) > 72 and "mailto:" not in line
+        ]
+        assert long_lines == [], long_lines
+    olga = by_recipient["olga@example.org"].get_body(("plain",))
+    assert olga is not None
+    if template != "appeal":  # the appeal is everyone's, in the court's and London's time
+        assert "следующего дня" in olga.get_content()

@@ -37,9 +37,17 @@ class OfficeHours:
     place_end: datetime
 
     def __str__(self) -> str:
+        return self.text()
+
+    def text(self, next_day: str = " (ending the next day)") -> str:
+        """ "09:00-18:00"; `next_day` follows when the hours end on the next day.
+
+        A template in another language passes its own words: the Russian ones
+        say `hours.text(" следующего дня")`.
+        """
         text = f"{self.start:%H:%M}\N{EN DASH}{self.end:%H:%M}"
         if self.end.date() != self.start.date():
-            text += " (ending the next day)"
+            text += next_day
         return text
 
     @property
