@@ -756,6 +756,36 @@ def test_rerunning_a_finished_campaign_sends_nothing(
 
 
 @pytest.mark.usefixtures("ledger_in_this_process")
+def test_a_failed_claim_commit_stops_the_run_instead_of_hanging(
+    run_cli: CliRun,
+    write_config: ConfigWriter,
+    write_list: ListWriter,
+    monkeypatch: pytest.MonkeyPatch,
+    smtp_server: RecordingServer,
+) -> None:
+    """The first claim's commit fails (a locked or full disk): the run ends with the error.
+
+    Every place is held by a claim waiting for its commit; the failed claim must
+    give its places back, or the run would wait for them for ever.
+    """
+    config = write_config(smtp={"connections": 2}, sending={"rate": 0})
+    write_group = Ledger.write_group
+
+    def failing(self: Ledger, *args: Any, **kwargs: Any) -> tuple[list[int], list[int]]:
+        if kwargs.get("claim"):
+            raise LedgerError("database is locked", location=self.location)
+        return write_group(self, *args, **kwargs)
+
+    monkeypatch.setattr(Ledger, "write_group", failing)
+    result = send(run_cli, write_list(people(40)), config)  # pytest's timeout: a hang fails
+    assert result.exit_code != EXIT_OK
+    assert "database is locked" in result.output
+    assert smtp_server.messages == []
+    monkeypatch.setattr(Ledger, "write_group", write_group)
+    assert status(run_cli, config)["counts"] == {"pending": 40}
+
+
+@pytest.mark.usefixtures("ledger_in_this_process")
 def test_after_a_failed_commit_nothing_more_is_written_and_the_bound_holds(
     run_cli: CliRun,
     write_config: ConfigWriter,

@@ -597,6 +597,10 @@ class CampaignRun:
                 await self._claim(batch, ledger, ready, free, report, progress)
             except Exception as exc:  # any failure stops the run cleanly
                 self.stop(f"could not claim the next messages: {exc}", _error(exc))
+                # _claim fails before handing any job on: the batch's places come
+                # back, or claim() could wait for them for ever (no job, no result).
+                for _ in batch:
+                    free.release()
 
         async def claim() -> None:
             producing = len(lanes)
