@@ -24,6 +24,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from markupsafe import Markup
 
+from appeal_mailer.errors import TemplateError
 from appeal_mailer.links import mailto
 from appeal_mailer.models import Recipient
 from appeal_mailer.render import Languages
@@ -265,3 +266,36 @@ def test_the_shipped_russian_versions_render_in_russian_for_ru_subscribers(
     assert olga is not None
     if template != "appeal":  # the appeal is everyone's, in the court's and London's time
         assert "следующего дня" in olga.get_content()
+
+
+def test_a_folder_named_with_an_underscore_serves_the_hyphenated_tag(templates: Path) -> None:
+    """templates/pt_BR/ is the version for "pt-BR", "pt_br" and "PT-br" alike."""
+    (templates / "pt_BR").mkdir()
+    (templates / "pt_BR" / "hello.txt.j2").write_text("Subject: Olá\n\nOlá\n", encoding="utf-8")
+    languages = Languages(templates, "hello", **OPTIONS)
+    assert rendered(languages, person("pt-BR"))[0] == "Olá"
+    assert rendered(languages, person("pt_br"))[0] == "Olá"
+    assert languages.fell_back == {}
+
+
+def test_an_error_in_a_language_version_names_that_version(templates: Path) -> None:
+    """A missing variable in ru/hello.txt.j2 is reported there, not in the default's file."""
+    (templates / "ru" / "hello.txt.j2").write_text(
+        "Subject: Здравствуйте\n\nЗдравствуйте, {{ recipient.nickname }}\n", encoding="utf-8"
+    )
+    languages = Languages(templates, "hello", **OPTIONS)
+    with pytest.raises(TemplateError) as caught:
+        rendered(languages, person("ru"))
+    assert caught.value.template == "ru/hello.txt.j2"
+    assert caught.value.line == 3
+
+
+def test_mailto_takes_several_addresses_and_refuses_a_display_name() -> None:
+    """ "a, b" is two addressees; "Court <court@x>" is not an addr-spec (RFC 6068 2)."""
+    to, fields = parse(mailto("court@example.kz, office@example.kz", cc=["a@x.org", "b@y.org"]))
+    assert to == ["court@example.kz", "office@example.kz"]
+    assert fields["cc"] == ["a@x.org,b@y.org"]
+    with pytest.raises(ValueError, match="bare addresses"):
+        mailto("Court <court@example.kz>")
+    # An "@" inside a quoted local part is encoded; the last one separates.
+    assert mailto('"not@me"@example.org') == "mailto:%22not%40me%22@example.org"

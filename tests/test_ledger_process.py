@@ -251,3 +251,22 @@ def test_the_ledger_process_exits_when_the_sender_is_killed(tmp_path: Path) -> N
         assert here.recent_runs("c")[0].finished_at is None
     finally:
         here.close()
+
+
+def test_a_cancelled_call_leaves_the_socket_in_step(remote: LedgerProcess) -> None:
+    """A run cancelled with a call in flight (a second Ctrl-C): its reply is read and dropped.
+
+    Otherwise the next blocking call would get the cancelled call's answer.
+    """
+
+    async def cancelled() -> None:
+        await remote.attach()
+        try:
+            counting = remote.submit(Ledger.counts, CAMPAIGN, STEP)
+            counting.cancel()
+        finally:
+            await remote.detach()
+
+    asyncio.run(cancelled())
+    assert remote.call(Ledger.steps, CAMPAIGN) == []
+    assert remote.call(Ledger.counts, CAMPAIGN, STEP) == {}

@@ -7,8 +7,10 @@ server counts what arrives; overlapping runs are real processes.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -22,9 +24,13 @@ import pytest
 from click.testing import Result
 
 from appeal_mailer import timezones
+from appeal_mailer.campaign import CampaignRun
 from appeal_mailer.config import load_settings
-from appeal_mailer.errors import ConfigError
-from tests.conftest import CliRun, ConfigWriter, ListWriter
+from appeal_mailer.errors import ConfigError, ServerError
+from appeal_mailer.ledger import Ledger, _this_host, timestamp
+from appeal_mailer.models import DeliveryResult, Envelope
+from appeal_mailer.reminders import plan
+from tests.conftest import TEMPLATES, CliRun, ConfigWriter, ListWriter
 from tests.smtpd import RecordingServer
 from tests.test_delivery import people, row_of, send, status
 
@@ -467,3 +473,157 @@ def test_a_reminder_due_at_night_waits_for_the_morning_across_the_dst_change(
         assert remind(run_cli, config, utc(moment), quiet=True).exit_code == EXIT_OK
         assert reminded() == expected, moment
     assert len(smtp_server.messages) == sent_first + 2
+
+
+# -- what a review found: each of these failed before its fix ----------------------------
+
+
+def test_a_reminder_deferred_then_overdue_expires_instead_of_going_out_late(
+    run_cli: CliRun, reminder_config: Path, write_list: ListWriter, smtp_server: RecordingServer
+) -> None:
+    """Deferred by a 451 when it was due, a week later it is expired, not sent."""
+    rows = people(3)
+    assert send(run_cli, write_list(rows), reminder_config).exit_code == EXIT_OK
+    due = datetime.now(UTC) + timedelta(days=3, minutes=5)
+    for row in rows:
+        smtp_server.fail_always(row["email"], "rcpt", "451 4.3.0 Try later")
+    assert remind(run_cli, reminder_config, due).exit_code == EXIT_TROUBLE
+    smtp_server.clear_faults()
+    late = remind(run_cli, reminder_config, due + timedelta(days=7), quiet=True)
+    assert late.exit_code == EXIT_OK, late.output
+    assert "3 reminders came due too long ago" in late.output
+    for row in rows:
+        assert len(subjects_for(smtp_server, row["email"])) == 1  # the appeal only
+    states = steps_of(status(run_cli, reminder_config))
+    assert {states[(row["email"], "reminder")] for row in rows} == {"expired"}
+
+
+class _ServerGoneTransport:
+    """A transport whose server went away after the run began: every send is a ServerError."""
+
+    description = "a server that went away"
+    connections = 1
+
+    async def open(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def send(self, envelope: Envelope, *, attempts_allowed: int) -> DeliveryResult:
+        raise ServerError("connection refused", host="127.0.0.1", port=1, transient=True)
+
+
+def test_a_retry_cut_short_by_a_server_outage_is_retried_by_the_next_remind(
+    run_cli: CliRun,
+    write_config: ConfigWriter,
+    write_list: ListWriter,
+    smtp_server: RecordingServer,
+) -> None:
+    """A deferred appeal that `remind` could not retry (server gone) stays due for the next.
+
+    The row goes back to `pending` unsent, and keeps the time it was due at, so
+    that `remind` (which leaves a step's never-tried pending rows to `send`) finds
+    it again.
+    """
+    config = write_config(sending={"attempts_per_run": 1, "retry_backoff": 60})
+    rows = people(2)
+    for row in rows:
+        smtp_server.fail(row["email"], "rcpt", "451 4.3.0 Try later")
+    assert send(run_cli, write_list(rows), config).exit_code == EXIT_TROUBLE
+    later = datetime.now(UTC) + timedelta(hours=1)
+    settings = load_settings(config)
+    ledger = Ledger.open(settings.ledger_url)
+    try:
+        [step] = plan(settings, ledger.steps(settings.campaign.id), later)
+        run = CampaignRun(
+            settings,
+            ledger,
+            _ServerGoneTransport(),
+            template=step.template,
+            remind=step,
+            now=later,
+        )
+        report = asyncio.run(run.run(run.prepare()))
+    finally:
+        ledger.close()
+    assert report.stopped is not None
+    after_outage = {row["email"]: row for row in status(run_cli, config)["recipients"]}
+    assert "pending" in {row["state"] for row in after_outage.values()}
+    again = remind(run_cli, config, later + timedelta(minutes=5), quiet=True)
+    assert again.exit_code == EXIT_OK, again.output
+    assert sorted(smtp_server.recipients()) == sorted(row["email"] for row in rows)
+
+
+def test_a_killed_reminds_sending_rows_are_recovered_by_the_next_remind(
+    run_cli: CliRun,
+    reminder_config: Path,
+    write_list: ListWriter,
+    smtp_server: RecordingServer,
+    tmp_path: Path,
+) -> None:
+    """kill -9 mid-step: the next `remind` marks its row `unknown`, even with nothing due."""
+    rows = people(3)
+    assert send(run_cli, write_list(rows), reminder_config).exit_code == EXIT_OK
+    due = datetime.now(UTC) + timedelta(days=3, minutes=5)
+    assert remind(run_cli, reminder_config, due).exit_code == EXIT_OK
+    # As a killed `remind` leaves it: its run unfinished, its process gone, a row `sending`.
+    with contextlib.closing(sqlite3.connect(tmp_path / "ledger.db")) as db, db:
+        stamp = timestamp()
+        dead = db.execute(
+            "INSERT INTO runs (campaign, step, command, started_at, heartbeat_at, host, pid)"
+            " VALUES ('test-campaign', 'reminder', 'remind', ?, ?, ?, ?)",
+            (stamp, stamp, _this_host(), _dead_pid()),
+        ).lastrowid
+        db.execute(
+            "UPDATE deliveries SET state = 'sending', claimed_by = ?"
+            " WHERE step = 'reminder' AND email = ?",
+            (dead, rows[0]["email"]),
+        )
+    result = remind(run_cli, reminder_config, due + timedelta(hours=1), quiet=True)
+    assert result.exit_code == EXIT_TROUBLE
+    assert "1 messages were being sent when an earlier run stopped" in result.output
+    assert steps_of(status(run_cli, reminder_config))[(rows[0]["email"], "reminder")] == "unknown"
+
+
+def test_a_step_whose_template_is_gone_does_not_stop_the_reminders(
+    run_cli: CliRun,
+    write_config: ConfigWriter,
+    write_list: ListWriter,
+    smtp_server: RecordingServer,
+    tmp_path: Path,
+) -> None:
+    """An old step (a draft sent once, its template since deleted) is skipped when nothing is due.
+
+    And a step that cannot run is named in the error while the others still run.
+    """
+    folder = tmp_path / "templates"
+    shutil.copytree(TEMPLATES, folder)
+    shutil.copy(folder / "appeal.txt.j2", folder / "draft.txt.j2")
+    config = write_config(campaign={"templates": str(folder)}, reminders=[REMINDER])
+    rows = people(2)
+    assert send(run_cli, write_list(rows), config).exit_code == EXIT_OK
+    draft = run_cli(
+        "send", str(write_list(rows[:1])), "--template", "draft", "--yes", config=config
+    )
+    assert draft.exit_code == EXIT_OK, draft.output
+    (folder / "draft.txt.j2").unlink()
+    due = datetime.now(UTC) + timedelta(days=3, minutes=5)
+    result = remind(run_cli, config, due, quiet=True)
+    assert result.exit_code == EXIT_OK, result.output
+    for row in rows:
+        assert any("has your fax reached" in s for s in subjects_for(smtp_server, row["email"]))
+    # The reminder's template gone too: that step fails, by name; the exit status says so.
+    (folder / "reminder.txt.j2").unlink()
+    more = people(3)[2:]
+    assert send(run_cli, write_list(rows + more), config).exit_code == EXIT_OK
+    broken = remind(run_cli, config, due + timedelta(hours=1), quiet=True)
+    assert broken.exit_code == EXIT_STOPPED
+    assert "error: remind test-campaign/reminder:" in broken.output
+
+
+def _dead_pid() -> int:
+    """A pid no process has: a child that has exited and been reaped."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])  # our interpreter
+    child.wait()
+    return child.pid

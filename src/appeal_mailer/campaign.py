@@ -10,6 +10,7 @@ loop keeps the SMTP sessions busy while SQLite flushes.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 import tempfile
@@ -336,6 +337,8 @@ class CampaignRun:
         self.renderer = self.languages.default
         self._sender_address = sender_address
         self._started = time.monotonic()
+        # `remind`: reminders that prepare() found made but overdue, now `expired`.
+        self.expired_before = 0
         self._stop = asyncio.Event()
         self._stop_reason: str | None = None
         self._stop_error: AppealMailerError | None = None
@@ -348,6 +351,10 @@ class CampaignRun:
         Nothing is written and nothing is sent: a variable missing for one
         subscriber stops here, naming that subscriber's line.
         """
+        if self.remind is not None:
+            # Before the list of who is due is read: reminders due too long ago, made
+            # earlier and not sent since (deferred, held, a stopped run), expire.
+            self.expired_before = self.remind.expire_overdue(self.ledger)
         while True:
             preflight = Preflight(list_path=self.source)
             try:
@@ -366,6 +373,7 @@ class CampaignRun:
         """One pass over the list; True if it must start again (see prepare)."""
         self.languages.used.clear()
         self.languages.fell_back.clear()
+        checked: collections.Counter[str] = collections.Counter()
         for item in self._items():
             if isinstance(item, Expired):
                 preflight.keep_expired(item.recipient)
@@ -377,12 +385,17 @@ class CampaignRun:
                 continue
             # Rendering is what can fail for one subscriber; building the wire bytes
             # from a rendered message cannot (mime.py raises nothing).
-            personal = self.languages.pick(item, count=True).check(
+            renderer = self.languages.pick(item, count=True)
+            # Each language's renderer checks its own first recipients, then one in
+            # 500 of its own (Renderer.check): a version whose readers all sit in the
+            # middle of the list is checked like any other.
+            personal = renderer.check(
                 item,
                 unsubscribe_url=self.builder.unsubscribe_urls(item.email)[0],
                 step=self.step,
-                index=preflight.valid,
+                index=checked[renderer.name],
             )
+            checked[renderer.name] += 1
             if personal and preflight.valid > 0:
                 return True
             if preflight.sample is None:
@@ -437,8 +450,9 @@ class CampaignRun:
                 Ledger.recover_interrupted, campaign, self.step
             )
             report.new_rows = await self._load(run_id, preflight.recipients())
+            report.expired = self.expired_before
             if preflight.expired_count and self.remind is not None:
-                report.expired = await self._load(
+                report.expired += await self._load(
                     run_id,
                     preflight.expired_recipients(),
                     state=State.EXPIRED,
@@ -477,23 +491,31 @@ class CampaignRun:
         campaign = self.settings.campaign.id
         listed = self.remind is None  # remind's recipients are the ledger's own
         new = 0
-        writing: asyncio.Future[int] | None = None
-        for batch in _batched(self._with_ids(recipients), _LOAD_BATCH):
-            following = self._db(
-                Ledger.load,
-                campaign,
-                self.step,
-                run_id,
-                batch,
-                state=state,
-                reply=reply,
-                listed=listed,
-            )
-            if writing is not None:
-                new += await writing
-            writing = following
-        if writing is not None:
-            new += await writing
+        in_flight: list[asyncio.Future[int]] = []
+        try:
+            for batch in _batched(self._with_ids(recipients), _LOAD_BATCH):
+                in_flight.append(
+                    self._db(
+                        Ledger.load,
+                        campaign,
+                        self.step,
+                        run_id,
+                        batch,
+                        state=state,
+                        reply=reply,
+                        listed=listed,
+                    )
+                )
+                if len(in_flight) > 1:
+                    new += await in_flight.pop(0)
+            while in_flight:
+                new += await in_flight.pop(0)
+        finally:
+            # Left by a failed batch: the one after it. Waited for (its commit is
+            # harmless, a re-run loads the rest) so that no error goes unread.
+            for future in in_flight:
+                with contextlib.suppress(Exception):
+                    await future
         return new
 
     async def _heartbeat(self, run_id: int) -> None:
@@ -782,7 +804,11 @@ class CampaignRun:
                     progress.advance(_suppressed(job.envelope))
 
     async def _send(self, job: _Job) -> tuple[DeliveryResult, str | None]:
-        held = self._held(job)
+        try:
+            held = self._held(job)
+        except Exception as exc:  # a bug: nothing was sent, the row goes back to pending
+            self.stop(f"internal error checking the send window: {exc!r}", _error(exc))
+            return self._not_sent(job, f"internal error: {exc!r}"), None
         if held is not None:
             return held
         allowed = min(
@@ -793,13 +819,7 @@ class CampaignRun:
             result = await self.transport.send(job.envelope, attempts_allowed=allowed)
         except ServerError as exc:
             self.stop(str(exc), exc)
-            result = DeliveryResult(
-                row_id=job.envelope.row_id,
-                recipient=job.envelope.recipient,
-                state=State.PENDING,
-                attempts=0,
-                reply=str(exc),
-            )
+            result = self._not_sent(job, str(exc))
         except Exception as exc:  # a bug must not leave the row in limbo
             # Whether any byte reached the server is not known: recorded unknown,
             # never re-sent on its own (the same rule as a lost reply, RFC 1047).
@@ -812,6 +832,17 @@ class CampaignRun:
                 reply=f"internal error: {exc!r}",
             )
         return self._settle(result, job.attempts_before)
+
+    @staticmethod
+    def _not_sent(job: _Job, reply: str) -> DeliveryResult:
+        """Nothing reached the server: the row goes back to `pending`, its attempts unchanged."""
+        return DeliveryResult(
+            row_id=job.envelope.row_id,
+            recipient=job.envelope.recipient,
+            state=State.PENDING,
+            attempts=0,
+            reply=reply,
+        )
 
     def _held(self, job: _Job) -> tuple[DeliveryResult, str | None] | None:
         """Outside the subscriber's send window: back to `pending` until it opens, unsent."""

@@ -26,7 +26,12 @@ from appeal_mailer.errors import AppealMailerError, ConfigError
 from appeal_mailer.models import NAME_MAX, NAME_PATTERN
 
 if TYPE_CHECKING:
+    from appeal_mailer.campaign import RunReport
+    from appeal_mailer.config import Settings
     from appeal_mailer.ledger import Ledger
+    from appeal_mailer.ledger_process import LedgerProcess, LocalLedger
+    from appeal_mailer.ratelimit import RateLimiter
+    from appeal_mailer.reminders import RemindStep
 
 EXIT_OK, EXIT_STOPPED, EXIT_USAGE, EXIT_TROUBLE = 0, 1, 2, 3
 NAME_RE = re.compile(NAME_PATTERN)
@@ -249,12 +254,10 @@ def remind(  # noqa: PLR0917  # click passes each option as an argument
     nothing when all went well.
     """
     from appeal_mailer import report  # noqa: PLC0415  # keep --help fast
-    from appeal_mailer.campaign import CampaignRun  # noqa: PLC0415
     from appeal_mailer.ledger import Ledger  # noqa: PLC0415
     from appeal_mailer.ledger_process import open_for_run  # noqa: PLC0415
     from appeal_mailer.ratelimit import RateLimiter  # noqa: PLC0415
     from appeal_mailer.reminders import plan  # noqa: PLC0415
-    from appeal_mailer.transport import DryRunTransport, SMTPTransport, Transport  # noqa: PLC0415
 
     if out is not None and not dry_run:
         raise click.UsageError("--out is only for --dry-run")
@@ -269,46 +272,40 @@ def remind(  # noqa: PLR0917  # click passes each option as an argument
         campaign=settings.campaign.id,
     )
     results = []
+    # Said even with -q (cron mails them): rows found interrupted, steps that failed.
+    notes: list[str] = []
+    failed_steps = 0
     try:
         for step in plan(settings, ledger.call(Ledger.steps, settings.campaign.id), now):
-            transport: Transport
-            if dry_run:
-                _clear_preview(out / step.step)
-                transport = DryRunTransport(out / step.step)
-            else:
-                transport = SMTPTransport(settings.smtp, settings.sending, limiter)
-            run = CampaignRun(
-                settings,
-                ledger,
-                transport,
-                template=step.template,
-                remind=step,
-                dry_run=dry_run,
-                now=now,
-                pace=None if dry_run else limiter,
-            )
-            preflight = run.prepare()
-            if preflight.valid == 0 and preflight.expired_count == 0:
-                preflight.close()
-                continue  # nothing due for this step: the usual case, and silent
-            if not dry_run and not yes and preflight.valid:
-                _confirm(
-                    report.plan(
-                        preflight,
-                        campaign=settings.campaign.id,
-                        template=step.template,
-                        server=transport.description,
-                        rate=settings.sending.rate,
-                        already_sent=0,
-                        limit=None,
+            where = f"{settings.campaign.id}/{step.step}"
+            try:
+                # A killed run's `sending` rows, whether or not anything is due now.
+                recovered = ledger.call(Ledger.recover_interrupted, step.campaign, step.step)
+                if recovered:
+                    notes.append(
+                        f"{where}: {recovered} messages were being sent when an earlier run "
+                        "stopped: marked unknown, not sent again (`status` lists them)"
                     )
-                )
-            result = _run(_run_with_signals(run, preflight, _progress(obj, dry_run=dry_run)))
+                if not step.adds_rows and not step.has_retries(ledger):
+                    continue  # nothing due again for this step: the usual case, and silent
+                result = _remind_step(obj, settings, ledger, step, limiter, out, dry_run, yes)
+            except AppealMailerError as exc:
+                # One step that cannot run (its template deleted, say) does not keep
+                # the others from theirs; the exit status says so.
+                failed_steps += 1
+                notes.append(f"error: remind {where}: {exc}")
+                if exc.hint:
+                    notes.append(f"hint: {exc.hint}")
+                continue
+            if result is None:
+                continue
             results.append(result)
             if result.stopped is not None:
                 break  # a server problem or a signal: the next cron run carries on
     finally:
         ledger.close()
+    for note in notes:
+        click.echo(note, err=True)
     for result in results:
         text = report.summary(result)
         if result.expired:
@@ -322,9 +319,63 @@ def remind(  # noqa: PLR0917  # click passes each option as an argument
             click.echo(text)
     if dry_run and results:
         click.echo(f"Preview: {out}/ (a folder per step: one .eml per message, index.csv)")
-    if any(result.stopped_before_sending for result in results):
+    if failed_steps or any(result.stopped_before_sending for result in results):
         sys.exit(EXIT_STOPPED)
-    sys.exit(EXIT_TROUBLE if any(result.trouble for result in results) else EXIT_OK)
+    trouble = any(result.trouble for result in results) or any(
+        "marked unknown" in note for note in notes
+    )
+    sys.exit(EXIT_TROUBLE if trouble else EXIT_OK)
+
+
+def _remind_step(  # noqa: PLR0917  # the command's parts, passed explicitly
+    obj: _Context,
+    settings: Settings,
+    ledger: LocalLedger | LedgerProcess,
+    step: RemindStep,
+    limiter: RateLimiter,
+    out: Path,
+    dry_run: bool,
+    yes: bool,
+) -> RunReport | None:
+    """One step of `remind`: check what is due, ask if need be, send; None if nothing to do."""
+    from appeal_mailer import report  # noqa: PLC0415  # keep --help fast
+    from appeal_mailer.campaign import CampaignRun  # noqa: PLC0415
+    from appeal_mailer.transport import DryRunTransport, SMTPTransport, Transport  # noqa: PLC0415
+
+    transport: Transport
+    if dry_run:
+        _clear_preview(out / step.step)
+        transport = DryRunTransport(out / step.step)
+    else:
+        transport = SMTPTransport(settings.smtp, settings.sending, limiter)
+    run = CampaignRun(
+        settings,
+        ledger,
+        transport,
+        template=step.template,
+        remind=step,
+        dry_run=dry_run,
+        now=step.now,
+        pace=None if dry_run else limiter,
+    )
+    preflight = run.prepare()
+    if preflight.valid == 0 and preflight.expired_count == 0 and run.expired_before == 0:
+        preflight.close()
+        return None  # nothing due for this step: the usual case, and silent
+    if not dry_run and not yes and preflight.valid:
+        _confirm(
+            report.plan(
+                preflight,
+                campaign=settings.campaign.id,
+                template=step.template,
+                server=transport.description,
+                rate=settings.sending.rate,
+                already_sent=0,
+                limit=None,
+            )
+        )
+    result: RunReport = _run(_run_with_signals(run, preflight, _progress(obj, dry_run=dry_run)))
+    return result
 
 
 def _confirm(plan_text: str) -> None:

@@ -524,6 +524,42 @@ class Ledger:
             for row in page
         ]
 
+    def expire_overdue(
+        self, campaign: str, after_step: str, step: str, sent_before: datetime, note: str
+    ) -> int:
+        """A reminder still to send whose earlier step was sent before `sent_before`: `expired`.
+
+        `remind` never sends a reminder late: one made when it was due, then
+        deferred (a 4xx), held for a send window or left pending by a stopped run,
+        expires like one that was never made. A row being sent now is left alone.
+        Returns how many rows expired.
+        """
+        earlier = deliveries.alias("earlier")
+        overdue = sa.exists().where(
+            earlier.c.campaign == campaign,
+            earlier.c.step == after_step,
+            earlier.c.email == deliveries.c.email,
+            earlier.c.state == State.SENT.value,
+            earlier.c.updated_at < timestamp(sent_before),
+        )
+        with self._write() as conn:
+            result = conn.execute(
+                deliveries.update()
+                .where(
+                    deliveries.c.campaign == campaign,
+                    deliveries.c.step == step,
+                    deliveries.c.state.in_([State.PENDING.value, State.DEFERRED.value]),
+                    overdue,
+                )
+                .values(
+                    state=State.EXPIRED.value,
+                    smtp_reply=note,
+                    next_attempt_at=None,
+                    updated_at=timestamp(),
+                )
+            )
+            return max(result.rowcount, 0)
+
     def retries(
         self, campaign: str, step: str, now: datetime, *, pending: bool, after: int = 0
     ) -> list[tuple[int, Recipient]]:
@@ -1047,7 +1083,19 @@ class _HotStatements:
                 attempts=deliveries.c.attempts + sa.bindparam("tries", type_=sa.Integer),
                 smtp_code=sa.bindparam("code"),
                 smtp_reply=sa.bindparam("reply"),
-                next_attempt_at=sa.bindparam("next_at"),
+                # A row going back to `pending` unsent (the server went away) keeps the
+                # time it was due again at: a deferred retry or a held message stays
+                # one, for `remind` to pick up (Ledger.retries).
+                next_attempt_at=sa.case(
+                    (
+                        sa.bindparam("new_state", type_=sa.String) == State.PENDING.value,
+                        sa.func.coalesce(
+                            sa.bindparam("next_at", type_=sa.String),
+                            deliveries.c.next_attempt_at,
+                        ),
+                    ),
+                    else_=sa.bindparam("next_at", type_=sa.String),
+                ),
                 claimed_by=None,
                 updated_at=sa.bindparam("now"),
             )

@@ -19,8 +19,9 @@ so "`sending` is durable before DATA" and "`sent` is durable before it is
 counted" hold as before. The child ignores SIGINT and SIGTERM: the signal
 reaches the whole process group, and the sender, which handles it, still
 needs the ledger to record what is in flight. It ends when the sender closes
-the socket, or dies: a `kill -9` of the sender closes it, the child finishes
-the commit it is in and exits. A run's pid in the run log is the sender's
+the socket, or dies: a `kill -9` of the sender closes it, and the child
+finishes the commit it is in, starts no other (it checks that its parent is
+still the sender before each), and exits. A run's pid in the run log is the sender's
 (CampaignRun passes it), so the next run knows at once that a killed run is dead.
 
 Where the OS cannot `fork`, the ledger stays in the sending process and its
@@ -34,6 +35,7 @@ import collections
 import contextlib
 import functools
 import multiprocessing
+import os
 import pickle
 import signal
 import socket
@@ -182,6 +184,10 @@ class _Link(asyncio.Protocol):
         self._buffer = bytearray()
         self._failed: LedgerError | None = None
         self._closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # Set while no reply is owed. Futures cannot say so: a cancelled one is done
+        # before its reply is read, and that reply would then answer the next call().
+        self._drained = asyncio.Event()
+        self._drained.set()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream socket's transport; uvloop's do not subclass asyncio.Transport.
@@ -196,6 +202,7 @@ class _Link(asyncio.Protocol):
         # Buffered by the transport, never blocking the loop.
         self._transport.write(_HEADER.pack(len(data)) + data)
         self._waiting.append(future)
+        self._drained.clear()
         return future
 
     def data_received(self, data: bytes) -> None:
@@ -208,6 +215,8 @@ class _Link(asyncio.Protocol):
             ok, value = pickle.loads(self._buffer[_HEADER.size : end])  # noqa: S301  # see _HEADER
             del self._buffer[:end]
             future = self._waiting.popleft()
+            if not self._waiting:
+                self._drained.set()
             if future.cancelled():
                 continue
             if ok:
@@ -221,13 +230,14 @@ class _Link(asyncio.Protocol):
             future = self._waiting.popleft()
             if not future.done():
                 future.set_exception(self._failed)
+        self._drained.set()
         if not self._closed.done():
             self._closed.set_result(None)
 
     async def close(self) -> None:
-        # Replies still owed are read first: the child answers every request in order.
-        if self._waiting:
-            await asyncio.wait(list(self._waiting))
+        # Every reply still owed is read first (the child answers each request, in
+        # order), cancelled calls' included: the socket then goes back in step.
+        await self._drained.wait()
         if self._transport is not None:
             self._transport.close()
             await self._closed
@@ -254,6 +264,7 @@ def _serve(
     sock: socket.socket, parents_end: socket.socket, url: str, options: dict[str, Any]
 ) -> None:
     """The child: open the ledger, then answer calls until the sender closes the socket."""
+    sender = os.getppid()
     # See the module's docstring: the sender decides when the run ends.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -269,6 +280,10 @@ def _serve(
                 name, args, kwargs = _read_frame(sock)
             except (EOFError, OSError):
                 return  # the sender is gone
+            if os.getppid() != sender:
+                # The sender died (kill -9) with requests still in the socket: write
+                # nothing more for a run that the next run already takes for dead.
+                return
             if ledger is None:
                 _write_frame(sock, (False, _portable(failure, "[ledger]")))
                 return
@@ -284,6 +299,8 @@ def _serve(
                 _write_frame(sock, (False, _portable(exc, ledger.location)))
                 continue
             _write_frame(sock, (True, value))
+    except OSError:
+        return  # the sender went away while this answered (a second Ctrl-C, a kill)
     finally:
         if ledger is not None:
             ledger.close()

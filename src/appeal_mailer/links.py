@@ -29,10 +29,10 @@ def mailto(
     # Text captured in an HTML template ({% set letter %}) arrives HTML-escaped: the
     # link must carry the letter's own characters ("&", not "&amp;").
     subject, body = _plain(subject), _plain(body)
-    uri = "mailto:" + ",".join(quote(address, safe="@") for address in _addresses(to))
+    uri = "mailto:" + ",".join(_address(address) for address in _addresses(to))
     fields = []
     if cc:
-        fields.append("cc=" + ",".join(quote(a, safe="@") for a in _addresses(cc)))
+        fields.append("cc=" + ",".join(_address(address) for address in _addresses(cc)))
     if subject:
         fields.append("subject=" + quote(subject, safe=""))
     if body:
@@ -46,4 +46,18 @@ def _plain(text: str | None) -> str | None:
 
 
 def _addresses(value: str | Iterable[str]) -> list[str]:
-    return [value.strip()] if isinstance(value, str) else [a.strip() for a in value]
+    """ "a@x, b@y" or ["a@x", "b@y"]: the bare addresses (RFC 6068 2: addr-spec only)."""
+    parts = value.split(",") if isinstance(value, str) else list(value)
+    addresses = [part.strip() for part in parts if part.strip()]
+    for address in addresses:
+        if "<" in address or ">" in address or " " in address or "@" not in address:
+            raise ValueError(
+                f"mailto() takes bare addresses such as court@example.org, not {address!r}"
+            )
+    return addresses
+
+
+def _address(address: str) -> str:
+    # Only the last "@" separates; one inside a quoted local part is encoded (RFC 6068 6.2).
+    local, _, domain = address.rpartition("@")
+    return quote(local, safe="") + "@" + quote(domain, safe="")

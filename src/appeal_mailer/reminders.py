@@ -62,6 +62,25 @@ class RemindStep:
         expires = self.reminder.expires_after if self.reminder else timedelta(0)
         return f"expired: came due more than {_words(expires)} before remind ran; not sent late"
 
+    def expire_overdue(self, ledger: LocalLedger | LedgerProcess) -> int:
+        """Its rows still to send but due too long ago become `expired`: never sent late."""
+        if self.reminder is None or self.after_step is None:
+            return 0
+        too_late = self.now - self.reminder.after - self.reminder.expires_after
+        return ledger.call(
+            Ledger.expire_overdue,
+            self.campaign,
+            self.after_step,
+            self.step,
+            too_late,
+            self.expired_note,
+        )
+
+    def has_retries(self, ledger: LocalLedger | LedgerProcess) -> bool:
+        """Whether a campaign's own step has anything due again (else its templates
+        need not even load: a step sent once with a template since deleted is fine)."""
+        return bool(ledger.call(Ledger.retries, self.campaign, self.step, self.now, pending=False))
+
     def recipients(self, ledger: LocalLedger | LedgerProcess) -> Iterator[Recipient | Expired]:
         """Everyone this step sends to now (and, for a reminder, whoever expired).
 

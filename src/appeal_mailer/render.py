@@ -128,7 +128,7 @@ class Languages:
         self.default = Renderer(directory, name, **options)
         self.default_language = _language_key(options.get("default_language", "en"))
         self._versions = {
-            folder.name.lower(): Renderer(directory, name, language=folder.name, **options)
+            _language_key(folder.name): Renderer(directory, name, language=folder.name, **options)
             for folder in sorted(directory.iterdir())
             if folder.is_dir() and (folder / (name + TEXT_SUFFIX)).is_file()
         }
@@ -489,8 +489,8 @@ class Renderer:
                 f"includes a missing template {exc.name!r}", template=name
             ) from exc
 
-    @staticmethod
     def _run(
+        self,
         template: jinja2.Template,
         context: dict[str, Any],
         recipient: Recipient,
@@ -503,7 +503,7 @@ class Renderer:
         except TemplateError:
             raise
         except (jinja2.TemplateError, ValueError, LookupError, TypeError, ArithmeticError) as exc:
-            where, line = _template_position(exc.__traceback__, name, line)
+            where, line = _template_position(exc.__traceback__, name, line, self.language)
             message = exc.message if isinstance(exc, jinja2.TemplateError) else str(exc)
             raise TemplateError(
                 f"{type(exc).__name__}: {message}",
@@ -516,7 +516,10 @@ class Renderer:
 
 
 def _template_position(
-    tb: TracebackType | None, default: str, header_line: int | None = None
+    tb: TracebackType | None,
+    default: str,
+    header_line: int | None = None,
+    language: str | None = None,
 ) -> tuple[str, int | None]:
     # Jinja rewrites tracebacks so that template frames carry the template's file
     # name and line: the innermost such frame is where rendering failed.
@@ -526,7 +529,12 @@ def _template_position(
     while tb is not None:
         filename = tb.tb_frame.f_code.co_filename
         if filename.endswith(".j2"):
-            where, line = Path(filename).name, tb.tb_lineno
+            path = Path(filename)
+            # A language version is named with its folder ("ru/appeal.txt.j2"), so the
+            # error does not send the reader to the default language's file.
+            named = language is not None and path.parent.name == language
+            where = f"{language}/{path.name}" if named else path.name
+            line = tb.tb_lineno
         elif filename == "<template>":
             line = header_line
         tb = tb.tb_next
