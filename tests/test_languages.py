@@ -18,6 +18,7 @@ from email.message import EmailMessage
 from pathlib import Path
 from types import MappingProxyType
 from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import quote as urllib_quote
 
 import pytest
 from hypothesis import given
@@ -25,7 +26,7 @@ from hypothesis import strategies as st
 from markupsafe import Markup
 
 from appeal_mailer.errors import TemplateError
-from appeal_mailer.links import mailto
+from appeal_mailer.links import mailto, quote
 from appeal_mailer.models import Recipient
 from appeal_mailer.render import Languages
 from tests.conftest import TEMPLATES, CliRun, ConfigWriter, ListWriter
@@ -136,6 +137,7 @@ def test_send_reports_who_got_which_language_and_who_fell_back(
     assert result.exit_code == 0, result.output
     assert "In their own language: 1 ru" in result.output
     assert "No version in their language, given the default: 1 kk" in result.output
+    assert "  kk: Aigerim <aigerim@example.org>" in result.output  # who, by name
     subjects = {
         message.rcpt_tos[0]: message_from_bytes(message.data, policy=policy.default)["Subject"]
         for message in smtp_server.messages
@@ -299,3 +301,9 @@ def test_mailto_takes_several_addresses_and_refuses_a_display_name() -> None:
         mailto("Court <court@example.kz>")
     # An "@" inside a quoted local part is encoded; the last one separates.
     assert mailto('"not@me"@example.org') == "mailto:%22not%40me%22@example.org"
+
+
+@given(st.text(st.characters(exclude_categories=["Cs"])))
+def test_the_fast_percent_encoding_is_urllibs(text: str) -> None:
+    """links.quote() gives exactly urllib.parse.quote(text, safe="") for any text."""
+    assert quote(text) == urllib_quote(text, safe="")

@@ -52,6 +52,8 @@ _UNREACHABLE_STREAK = 10
 _CLAIM_BATCH = 64
 # Rows of the list per ledger commit while loading it.
 _LOAD_BATCH = 500
+# Subscribers named per language in "no version in their language" (the rest counted).
+_FELL_BACK_SHOWN = 5
 # How a message held back for its send window is noted in the ledger.
 HELD = "outside the send window: held"
 
@@ -88,6 +90,8 @@ class Preflight:
     # whose language has no version, by language: they get the default.
     languages: dict[str, int] = field(default_factory=dict)
     fell_back: dict[str, int] = field(default_factory=dict)
+    # The first few of them, by language, for the report: who fell back.
+    fell_back_examples: dict[str, list[str]] = field(default_factory=dict)
 
     def keep(self, recipient: Recipient) -> None:
         _spool(self.checked, recipient)
@@ -373,6 +377,7 @@ class CampaignRun:
         """One pass over the list; True if it must start again (see prepare)."""
         self.languages.used.clear()
         self.languages.fell_back.clear()
+        preflight.fell_back_examples.clear()
         checked: collections.Counter[str] = collections.Counter()
         for item in self._items():
             if isinstance(item, Expired):
@@ -386,6 +391,11 @@ class CampaignRun:
             # Rendering is what can fail for one subscriber; building the wire bytes
             # from a rendered message cannot (mime.py raises nothing).
             renderer = self.languages.pick(item, count=True)
+            _, fell_back = self.languages.choose(item)
+            if fell_back is not None:
+                shown = preflight.fell_back_examples.setdefault(fell_back, [])
+                if len(shown) < _FELL_BACK_SHOWN:
+                    shown.append(str(item))
             # Each language's renderer checks its own first recipients, then one in
             # 500 of its own (Renderer.check): a version whose readers all sit in the
             # middle of the list is checked like any other.

@@ -1,15 +1,42 @@
 """`mailto:` links for templates (RFC 6068): one click opens a ready letter, addressed.
 
-Written here because no well-kept library builds mailto URIs; the encoding
-itself is the standard library's (`urllib.parse.quote`, UTF-8).
+Written here because no well-kept library builds mailto URIs. The encoding is
+`urllib.parse.quote`'s, done faster (see _PercentEncoding).
 """
 
 from __future__ import annotations
 
+import string
 from collections.abc import Iterable
-from urllib.parse import quote
 
 from markupsafe import Markup
+
+
+class _PercentEncoding(dict[int, str]):
+    """`str.translate` table: each character to itself if unreserved, else its %XX UTF-8 bytes.
+
+    The same output as `urllib.parse.quote(text, safe="")` (a property test says
+    so), but the work is done by `str.translate` in C: `quote` runs a Python
+    list comprehension over every byte, and a protest's letter in a link is
+    2,000 to 6,000 bytes, for every recipient, twice (text and HTML). That made
+    it the largest cost of rendering the protest (a 2,000-recipient dry run
+    spent 2.9 s of 8.6 in it). Non-ASCII characters are encoded once each and kept.
+    """
+
+    def __missing__(self, code: int) -> str:
+        encoded = "".join(f"%{byte:02X}" for byte in chr(code).encode("utf-8"))
+        self[code] = encoded
+        return encoded
+
+
+# RFC 3986 2.3 unreserved characters stand for themselves; all else is encoded.
+_UNRESERVED = string.ascii_letters + string.digits + "-._~"
+_PERCENT = _PercentEncoding({ord(c): c for c in _UNRESERVED})
+
+
+def quote(text: str) -> str:
+    """`text` percent-encoded as UTF-8, every character but the unreserved ones."""
+    return text.translate(_PERCENT)
 
 
 def mailto(
@@ -34,10 +61,10 @@ def mailto(
     if cc:
         fields.append("cc=" + ",".join(_address(address) for address in _addresses(cc)))
     if subject:
-        fields.append("subject=" + quote(subject, safe=""))
+        fields.append("subject=" + quote(subject))
     if body:
         lines = body.replace("\r\n", "\n").replace("\r", "\n").split("\n")
-        fields.append("body=" + quote("\r\n".join(lines), safe=""))
+        fields.append("body=" + quote("\r\n".join(lines)))
     return uri + ("?" + "&".join(fields) if fields else "")
 
 
@@ -60,4 +87,4 @@ def _addresses(value: str | Iterable[str]) -> list[str]:
 def _address(address: str) -> str:
     # Only the last "@" separates; one inside a quoted local part is encoded (RFC 6068 6.2).
     local, _, domain = address.rpartition("@")
-    return quote(local, safe="") + "@" + quote(domain, safe="")
+    return quote(local) + "@" + quote(domain)

@@ -141,15 +141,22 @@ class Languages:
 
     def pick(self, recipient: Recipient, *, count: bool = False) -> Renderer:
         """The renderer for `recipient`'s language; `count` it (in the pre-flight pass)."""
+        renderer, fell_back = self.choose(recipient)
+        if count and fell_back is not None:
+            self.fell_back[fell_back] += 1
+        elif count and renderer is not self.default:
+            self.used[renderer.language or ""] += 1
+        return renderer
+
+    def choose(self, recipient: Recipient) -> tuple[Renderer, str | None]:
+        """The renderer for `recipient`, and the language they asked for if it has no version."""
         wanted = _language_key(recipient.language) or self.default_language
         found = self._versions.get(wanted) or self._versions.get(wanted.partition("-")[0])
         if found is not None and wanted != self.default_language:
-            if count:
-                self.used[found.language or wanted] += 1
-            return found
-        if count and wanted.partition("-")[0] != self.default_language.partition("-")[0]:
-            self.fell_back[wanted] += 1
-        return self.default
+            return found, None
+        if wanted.partition("-")[0] != self.default_language.partition("-")[0]:
+            return self.default, wanted
+        return self.default, None
 
 
 def _language_key(language: str) -> str:

@@ -283,6 +283,11 @@ def _language_lines(preflight: Preflight) -> list[str]:
             f"{_by_language(preflight.fell_back)} "
             "(add templates/LANGUAGE/ beside the default templates)"
         )
+        for language, who in sorted(preflight.fell_back_examples.items()):
+            more = preflight.fell_back[language] - len(who)
+            lines.append(
+                f"  {language}: " + ", ".join(who) + (f" and {more} more" if more > 0 else "")
+            )
     return lines
 
 
