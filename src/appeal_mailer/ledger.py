@@ -484,20 +484,7 @@ class Ledger:
         """
         later = deliveries.alias("later")
         query = (
-            sa.select(
-                deliveries.c.id,
-                deliveries.c.updated_at,
-                recipients.c.email,
-                recipients.c.line,
-                recipients.c.data,
-            )
-            .join(
-                recipients,
-                sa.and_(
-                    recipients.c.campaign == deliveries.c.campaign,
-                    recipients.c.email == deliveries.c.email,
-                ),
-            )
+            _with_recipient(deliveries.c.id, deliveries.c.updated_at)
             .where(
                 deliveries.c.campaign == campaign,
                 deliveries.c.step == after_step,
@@ -584,14 +571,7 @@ class Ledger:
                 ),
             )
         query = (
-            sa.select(deliveries.c.id, recipients.c.email, recipients.c.line, recipients.c.data)
-            .join(
-                recipients,
-                sa.and_(
-                    recipients.c.campaign == deliveries.c.campaign,
-                    recipients.c.email == deliveries.c.email,
-                ),
-            )
+            _with_recipient(deliveries.c.id)
             .where(
                 deliveries.c.campaign == campaign,
                 deliveries.c.step == step,
@@ -628,27 +608,12 @@ class Ledger:
                 deliveries.c.next_attempt_at <= now,
             ),
         }
-        query = (
-            sa.select(
-                deliveries.c.id,
-                deliveries.c.message_id,
-                deliveries.c.attempts,
-                recipients.c.email,
-                recipients.c.line,
-                recipients.c.data,
-            )
-            .join(
-                recipients,
-                sa.and_(
-                    recipients.c.campaign == deliveries.c.campaign,
-                    recipients.c.email == deliveries.c.email,
-                ),
-            )
-            .where(
-                deliveries.c.campaign == scope.campaign,
-                deliveries.c.step == scope.step,
-                due[state] if state is not None else sa.or_(*due.values()),
-            )
+        query = _with_recipient(
+            deliveries.c.id, deliveries.c.message_id, deliveries.c.attempts
+        ).where(
+            deliveries.c.campaign == scope.campaign,
+            deliveries.c.step == scope.step,
+            due[state] if state is not None else sa.or_(*due.values()),
         )
         if scope.listed_by is not None:
             query = query.where(recipients.c.seen_run == scope.listed_by)
@@ -1284,6 +1249,17 @@ _MIGRATIONS: dict[int, Callable[[sa.Connection], None]] = {
     3: _v3_due_index_in_id_order,
     4: _v4_campaign_rows_in_id_order,
 }
+
+
+def _with_recipient(*columns: sa.ColumnElement[Any]) -> sa.Select[Any]:
+    """`columns` of delivery rows, with each row's recipient: address, list line and data."""
+    return sa.select(*columns, recipients.c.email, recipients.c.line, recipients.c.data).join(
+        recipients,
+        sa.and_(
+            recipients.c.campaign == deliveries.c.campaign,
+            recipients.c.email == deliveries.c.email,
+        ),
+    )
 
 
 def _at_domain(domain: str) -> sa.ColumnElement[bool]:
