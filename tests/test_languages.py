@@ -307,3 +307,14 @@ def test_mailto_takes_several_addresses_and_refuses_a_display_name() -> None:
 def test_the_fast_percent_encoding_is_urllibs(text: str) -> None:
     """links.quote() gives exactly urllib.parse.quote(text, safe="") for any text."""
     assert quote(text) == urllib_quote(text, safe="")
+
+
+def test_a_language_without_a_version_can_fall_back_to_a_related_one(templates: Path) -> None:
+    """fallback_languages = {kk = "ru"}: Kazakh readers get the Russian version, and it says so."""
+    languages = Languages(templates, "hello", fallbacks={"kk": "ru"}, **OPTIONS)
+    assert rendered(languages, person("kk"))[0] == "Здравствуйте"
+    assert rendered(languages, person("kk-KZ"))[0] == "Здравствуйте"
+    assert rendered(languages, person("ru"))[0] == "Здравствуйте"
+    assert rendered(languages, person("ja"))[0] == "Hello"
+    assert languages.used == {"ru for kk": 1, "ru for kk-kz": 1, "ru": 1}
+    assert languages.fell_back == {"ja": 1}

@@ -337,6 +337,7 @@ class CampaignRun:
             default_timezone=campaign.timezone,
             default_language=campaign.language,
             now=self.now,
+            fallbacks=campaign.fallback_languages,
         )
         self.renderer = self.languages.default
         self._sender_address = sender_address

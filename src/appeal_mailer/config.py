@@ -169,6 +169,8 @@ class CampaignSettings(_Section):
     templates: Path = Path("templates")
     timezone: str = "UTC"
     language: str = "en"
+    # A language with no templates of its own, to one that has: {kk = "ru"}.
+    fallback_languages: dict[str, str] = Field(default_factory=dict)
     unsubscribe_mailto: str | None = None
     unsubscribe_url: str | None = None
     unsubscribe_key: SecretStr | None = None

@@ -124,8 +124,21 @@ class Languages:
     run's report.
     """
 
-    def __init__(self, directory: Path, name: str, **options: Any) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        name: str,
+        *,
+        fallbacks: Mapping[str, str] | None = None,
+        **options: Any,
+    ) -> None:
         self.default = Renderer(directory, name, **options)
+        # A language with no version of its own to a related one that has ("kk" to
+        # "ru": most Kazakh readers read Russian), before the default.
+        self._fallbacks = {
+            _language_key(wanted): _language_key(instead)
+            for wanted, instead in (fallbacks or {}).items()
+        }
         self.default_language = _language_key(options.get("default_language", "en"))
         self._versions = {
             _language_key(folder.name): Renderer(directory, name, language=folder.name, **options)
@@ -145,18 +158,28 @@ class Languages:
         if count and fell_back is not None:
             self.fell_back[fell_back] += 1
         elif count and renderer is not self.default:
-            self.used[renderer.language or ""] += 1
+            # "ru", or "ru for kk" when it stands in for a language (fallback_languages).
+            wanted = _language_key(recipient.language)
+            version = renderer.language or ""
+            own = self._version(wanted) is renderer
+            self.used[version if own else f"{version} for {wanted}"] += 1
         return renderer
 
     def choose(self, recipient: Recipient) -> tuple[Renderer, str | None]:
         """The renderer for `recipient`, and the language they asked for if it has no version."""
         wanted = _language_key(recipient.language) or self.default_language
-        found = self._versions.get(wanted) or self._versions.get(wanted.partition("-")[0])
+        found = self._version(wanted)
+        if found is None:
+            instead = self._fallbacks.get(wanted) or self._fallbacks.get(wanted.partition("-")[0])
+            found = self._version(instead) if instead else None
         if found is not None and wanted != self.default_language:
             return found, None
         if wanted.partition("-")[0] != self.default_language.partition("-")[0]:
             return self.default, wanted
         return self.default, None
+
+    def _version(self, language: str) -> Renderer | None:
+        return self._versions.get(language) or self._versions.get(language.partition("-")[0])
 
 
 def _language_key(language: str) -> str:
