@@ -52,8 +52,6 @@ _UNREACHABLE_STREAK = 10
 _CLAIM_BATCH = 64
 # Rows of the list per ledger commit while loading it.
 _LOAD_BATCH = 500
-# Subscribers named per language in "no version in their language" (the rest counted).
-_FELL_BACK_SHOWN = 5
 # How a message held back for its send window is noted in the ledger.
 HELD = "outside the send window: held"
 
@@ -339,7 +337,6 @@ class CampaignRun:
             now=self.now,
             fallbacks=campaign.fallback_languages,
         )
-        self.renderer = self.languages.default
         self._sender_address = sender_address
         self._started = time.monotonic()
         # `remind`: reminders that prepare() found made but overdue, now `expired`.
@@ -376,9 +373,7 @@ class CampaignRun:
 
     def _check(self, preflight: Preflight) -> bool:
         """One pass over the list; True if it must start again (see prepare)."""
-        self.languages.used.clear()
-        self.languages.fell_back.clear()
-        preflight.fell_back_examples.clear()
+        self.languages.reset()
         checked: collections.Counter[str] = collections.Counter()
         for item in self._items():
             if isinstance(item, Expired):
@@ -392,11 +387,6 @@ class CampaignRun:
             # Rendering is what can fail for one subscriber; building the wire bytes
             # from a rendered message cannot (mime.py raises nothing).
             renderer = self.languages.pick(item, count=True)
-            _, fell_back = self.languages.choose(item)
-            if fell_back is not None:
-                shown = preflight.fell_back_examples.setdefault(fell_back, [])
-                if len(shown) < _FELL_BACK_SHOWN:
-                    shown.append(str(item))
             # Each language's renderer checks its own first recipients, then one in
             # 500 of its own (Renderer.check): a version whose readers all sit in the
             # middle of the list is checked like any other.
@@ -415,6 +405,9 @@ class CampaignRun:
             preflight.valid += 1
         preflight.languages = dict(self.languages.used)
         preflight.fell_back = dict(self.languages.fell_back)
+        preflight.fell_back_examples = {
+            language: list(who) for language, who in self.languages.fell_back_examples.items()
+        }
         return False
 
     def _items(self) -> Iterator[Recipient | SkippedRow | Expired]:
@@ -868,13 +861,7 @@ class CampaignRun:
         if opening is None:
             return None
         local = opening.astimezone(timezones.zone(job.timezone))
-        held = DeliveryResult(
-            row_id=job.envelope.row_id,
-            recipient=job.envelope.recipient,
-            state=State.PENDING,
-            attempts=0,
-            reply=f"{HELD} until {local:%a %Y-%m-%d %H:%M} {job.timezone}",
-        )
+        held = self._not_sent(job, f"{HELD} until {local:%a %Y-%m-%d %H:%M} {job.timezone}")
         return held, timestamp(opening)
 
     def _settle(

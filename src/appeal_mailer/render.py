@@ -114,6 +114,10 @@ class _PersonalValueUsed(Exception):
     """A template used `recipient` or `unsubscribe_url` (see Renderer._render_shared)."""
 
 
+# Subscribers named per language in "no version in their language" (the rest counted).
+_FELL_BACK_SHOWN = 5
+
+
 class Languages:
     """A step's template in each language it has a version in, and the default for the rest.
 
@@ -147,6 +151,14 @@ class Languages:
         }
         self.fell_back: collections.Counter[str] = collections.Counter()
         self.used: collections.Counter[str] = collections.Counter()
+        # The first few who fell back, by language, for the report: who they are.
+        self.fell_back_examples: dict[str, list[str]] = {}
+
+    def reset(self) -> None:
+        """Forget the counts (a pre-flight pass starting again)."""
+        self.fell_back.clear()
+        self.used.clear()
+        self.fell_back_examples.clear()
 
     @property
     def versions(self) -> list[str]:
@@ -157,6 +169,9 @@ class Languages:
         renderer, fell_back = self.choose(recipient)
         if count and fell_back is not None:
             self.fell_back[fell_back] += 1
+            shown = self.fell_back_examples.setdefault(fell_back, [])
+            if len(shown) < _FELL_BACK_SHOWN:
+                shown.append(str(recipient))
         elif count and renderer is not self.default:
             # "ru", or "ru for kk" when it stands in for a language (fallback_languages).
             wanted = _language_key(recipient.language)
