@@ -274,13 +274,14 @@ def remind(  # noqa: PLR0917  # click passes each option as an argument
     results = []
     # Said even with -q (cron mails them): rows found interrupted, steps that failed.
     notes: list[str] = []
-    failed_steps = 0
+    failed_steps = recovered_rows = 0
     try:
         for step in plan(settings, ledger.call(Ledger.steps, settings.campaign.id), now):
             where = f"{settings.campaign.id}/{step.step}"
             try:
                 # A killed run's `sending` rows, whether or not anything is due now.
                 recovered = ledger.call(Ledger.recover_interrupted, step.campaign, step.step)
+                recovered_rows += recovered
                 if recovered:
                     notes.append(
                         f"{where}: {recovered} messages were being sent when an earlier run "
@@ -307,23 +308,20 @@ def remind(  # noqa: PLR0917  # click passes each option as an argument
     for note in notes:
         click.echo(note, err=True)
     for result in results:
-        text = report.summary(result)
-        if result.expired:
+        if obj.verbosity >= 0 or result.trouble:
+            click.echo(report.summary(result))  # says how many expired, if any
+        elif result.expired:
             # Said even with -q: cron was down, or a backup was restored; worth a mail.
             click.echo(
                 f"{settings.campaign.id}/{result.step}: {result.expired} reminders came due "
                 "too long ago and were recorded as expired, not sent",
                 err=True,
             )
-        if obj.verbosity >= 0 or result.trouble:
-            click.echo(text)
     if dry_run and results:
         click.echo(f"Preview: {out}/ (a folder per step: one .eml per message, index.csv)")
     if failed_steps or any(result.stopped_before_sending for result in results):
         sys.exit(EXIT_STOPPED)
-    trouble = any(result.trouble for result in results) or any(
-        "marked unknown" in note for note in notes
-    )
+    trouble = recovered_rows > 0 or any(result.trouble for result in results)
     sys.exit(EXIT_TROUBLE if trouble else EXIT_OK)
 
 
