@@ -28,10 +28,9 @@ from appeal_mailer.models import Recipient
 
 @dataclass(frozen=True, slots=True)
 class Expired:
-    """A subscriber whose reminder came due at `due_at`, too long ago to send."""
+    """A subscriber whose reminder came due too long ago to send."""
 
     recipient: Recipient
-    due_at: datetime
 
 
 @dataclass(frozen=True)
@@ -62,11 +61,16 @@ class RemindStep:
         expires = self.reminder.expires_after if self.reminder else timedelta(0)
         return f"expired: came due more than {_words(expires)} before remind ran; not sent late"
 
+    def _sent_before(self, reminder: ReminderSettings) -> tuple[datetime, datetime]:
+        """An earlier step sent before the first is due now; before the second, too late."""
+        due = self.now - reminder.after
+        return due, due - reminder.expires_after
+
     def expire_overdue(self, ledger: LocalLedger | LedgerProcess) -> int:
         """Its rows still to send but due too long ago become `expired`: never sent late."""
         if self.reminder is None or self.after_step is None:
             return 0
-        too_late = self.now - self.reminder.after - self.reminder.expires_after
+        _, too_late = self._sent_before(self.reminder)
         return ledger.call(
             Ledger.expire_overdue,
             self.campaign,
@@ -97,16 +101,14 @@ class RemindStep:
             after = page[-1][0]
         if self.reminder is None or self.after_step is None:
             return
-        due_before = self.now - self.reminder.after
-        too_late = due_before - self.reminder.expires_after
+        due_before, too_late = self._sent_before(self.reminder)
         after = 0
         while followups := ledger.call(
             Ledger.followups, campaign, self.after_step, self.step, due_before, after
         ):
             for followup in followups:
-                due_at = followup.sent_at + self.reminder.after
                 if followup.sent_at < too_late:
-                    yield Expired(followup.recipient, due_at)
+                    yield Expired(followup.recipient)
                 else:
                     yield followup.recipient
             after = followups[-1].row_id
