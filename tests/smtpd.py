@@ -77,6 +77,17 @@ class _Handler:
             self.record.login = login or self.record.login
         return tls, login
 
+    async def handle_EHLO(
+        self, smtp: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
+    ) -> list[str]:
+        # aiosmtpd reads commands one line at a time, so it takes pipelined ones
+        # in order; it only does not say so. The last line ends the reply ("250 ...").
+        # With this hook, aiosmtpd leaves remembering the EHLO name to it.
+        session.host_name = hostname
+        if self.server.pipelining:
+            responses.insert(-1, "250-PIPELINING")
+        return responses
+
     async def handle_MAIL(
         self, smtp: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
@@ -149,8 +160,11 @@ class RecordingServer:
         implicit_tls_context: ssl.SSLContext | None = None,
         require_starttls: bool = False,
         credentials: tuple[str, str] | None = None,
+        pipelining: bool = True,
     ) -> None:
         self.host = "127.0.0.1"
+        # Advertise PIPELINING (RFC 2920) in the EHLO reply.
+        self.pipelining = pipelining
         self.port = 0
         self.messages: list[Received] = []
         self.connections = 0

@@ -1,9 +1,9 @@
 """Delivery against a real SMTP server: retries, faults, TLS, AUTH, pace, and the ledger.
 
-Every test talks to the recording aiosmtpd server of `tests/smtpd.py`; nothing
-mocks aiosmtplib. Most drive the CLI and check both what it says and what the
-server received; a few use `SMTPTransport` or `RateLimiter` directly where a
-whole run is too coarse.
+Every test talks to the recording aiosmtpd server of `tests/smtpd.py`, with
+and without PIPELINING; nothing mocks aiosmtplib. Most drive the CLI and check
+both what it says and what the server received; a few use `SMTPTransport` or
+`RateLimiter` directly where a whole run is too coarse.
 """
 
 from __future__ import annotations
@@ -66,6 +66,18 @@ def row_of(report: dict[str, Any], email: str) -> dict[str, Any]:
 def assert_each_once(server: RecordingServer, emails: list[str]) -> None:
     counts = server.count_by_recipient()
     assert {email: counts[email] for email in emails} == dict.fromkeys(emails, 1)
+
+
+@pytest.fixture(params=["pipelining", "lock-step"])
+def smtp_server(request: pytest.FixtureRequest) -> Iterator[RecordingServer]:
+    """The recording server, saying PIPELINING (RFC 2920) in its EHLO reply or not.
+
+    Every delivery test runs against both: a pipelining client sends MAIL, RCPT
+    and DATA as one group, otherwise one at a time, and both must behave alike.
+    """
+    server = RecordingServer(pipelining=request.param == "pipelining").start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture

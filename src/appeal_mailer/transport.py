@@ -9,12 +9,13 @@ reported as such instead of risking a second copy.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import csv
 import re
 import ssl
 from pathlib import Path
-from typing import Any, Protocol, TextIO
+from typing import Any, Protocol, TextIO, cast
 
 import aiosmtplib
 from tenacity import (
@@ -67,8 +68,8 @@ class SMTPTransport:
         self._max_delay = sending.retry_max_delay
         self._limiter = limiter
         self.connections = smtp.connections
-        self._idle: list[aiosmtplib.SMTP] = []
-        self._all: set[aiosmtplib.SMTP] = set()
+        self._idle: list[_Session] = []
+        self._all: set[_Session] = set()
         mode = {"starttls": "STARTTLS", "tls": "TLS", "none": "no TLS"}[smtp.security]
         auth = f", AUTH as {smtp.username}" if smtp.username else ""
         self.description = f"{smtp.host}:{smtp.port} ({mode}{auth})"
@@ -78,18 +79,16 @@ class SMTPTransport:
         self._idle.append(await self._connect())
 
     async def close(self) -> None:
-        for client in list(self._all):
-            with contextlib.suppress(aiosmtplib.SMTPException, OSError):
-                await client.quit(timeout=5)
-            client.close()
+        for session in list(self._all):
+            await session.quit()
         self._all.clear()
         self._idle.clear()
 
     async def handshake(self) -> list[str]:
         """Connect, EHLO, STARTTLS and AUTH as configured, then QUIT; returns what happened."""
-        client = await self._connect()
+        session = await self._connect()
         try:
-            tls = client.get_transport_info("sslcontext") is not None
+            tls = session.tls
             steps = [
                 f"connected to {self._smtp.host}:{self._smtp.port}",
                 "TLS: "
@@ -100,13 +99,13 @@ class SMTPTransport:
                     if tls
                     else "no"
                 ),
-                "extensions: " + ", ".join(sorted(client.esmtp_extensions)),
+                "extensions: " + ", ".join(session.extensions),
             ]
             if self._smtp.username:
                 steps.append(f"AUTH accepted for {self._smtp.username}")
             return steps
         finally:
-            await self._discard(client, polite=True)
+            await self._discard(session, polite=True)
 
     async def send(self, envelope: Envelope, *, attempts_allowed: int) -> DeliveryResult:
         # Most messages go at their first attempt, and that one is made without
@@ -172,7 +171,7 @@ class SMTPTransport:
 
     async def _attempt(self, envelope: Envelope) -> aiosmtplib.SMTPResponse:
         try:
-            client = await self._session()
+            session = await self._session()
         except ServerError as exc:
             if not exc.transient:
                 raise
@@ -181,47 +180,45 @@ class SMTPTransport:
             ) from exc
         after_dot = False
         try:
-            # MAIL and RCPT as aiosmtplib's mail() and rcpt() send them, without their
-            # parsing of each address (email.utils, a tenth of a send's CPU): ours
-            # are validated ASCII addresses already (lists.normalize_address).
-            timeout = self._smtp.timeout
-            mail = await client.execute_command(
-                b"MAIL", b"FROM:<" + envelope.sender.encode("ascii") + b">", timeout=timeout
-            )
-            if mail.code != 250:
-                raise aiosmtplib.SMTPSenderRefused(mail.code, mail.message, envelope.sender)
-            rcpt = await client.execute_command(
-                b"RCPT", b"TO:<" + envelope.recipient.encode("ascii") + b">", timeout=timeout
-            )
-            if rcpt.code not in {250, 251}:
-                raise aiosmtplib.SMTPRecipientRefused(rcpt.code, rcpt.message, envelope.recipient)
-            start = await client.execute_command(b"DATA", timeout=timeout)
-            if start.code != 354:
-                raise aiosmtplib.SMTPDataError(start.code, start.message)
+            # Our addresses are validated ASCII already (lists.normalize_address).
+            mail = b"MAIL FROM:<" + envelope.sender.encode("ascii") + b">\r\n"
+            rcpt = b"RCPT TO:<" + envelope.recipient.encode("ascii") + b">\r\n"
+            if session.pipelining:
+                # RFC 2920 3.1: MAIL, RCPT and DATA go as one group, DATA last;
+                # every reply is still read and checked, in order.
+                session.write(mail + rcpt + b"DATA\r\n")
+                replies = await session.replies(3)
+            else:
+                replies = []
+                for command in (mail, rcpt, b"DATA\r\n"):
+                    session.write(command)
+                    replies += await session.replies(1)
+                    if replies[-1].code not in _ACCEPTED[len(replies) - 1]:
+                        break
+            await _check_envelope(session, envelope, replies)
             # RFC 5321 4.1.1.4: the data ends with CRLF.CRLF. From the moment the
             # final "." is written, a lost reply leaves delivery unknown (RFC 1047).
-            data = _LEADING_DOT.sub(b"..", envelope.data) + b".\r\n"
-            protocol = client.protocol
-            if protocol is None:
-                raise aiosmtplib.SMTPServerDisconnected("connection lost before DATA")
-            protocol.write(data)
+            data = envelope.data
+            if data.startswith(b".") or b"\n." in data:  # a C search; the regex only if needed
+                data = _LEADING_DOT.sub(b"..", data)
+            session.write(data + b".\r\n")
             after_dot = True
-            reply = await protocol.read_response(timeout=self._smtp.timeout)
+            reply = await session.reply()
             if reply.code != 250:
                 raise aiosmtplib.SMTPDataError(reply.code, reply.message)
         except aiosmtplib.SMTPResponseException as exc:
             if exc.code == 421:
                 # RFC 5321 3.8: 421 means the server is closing this session.
-                await self._discard(client, polite=False)
+                await self._discard(session, polite=False)
             else:
-                await self._reset(client)
+                await self._reset(session)
             if isinstance(exc, aiosmtplib.SMTPSenderRefused) and exc.code >= 500:
                 # A 5xx to MAIL FROM refuses the sender (policy, quota, AUTH required),
                 # not this recipient: failing each recipient in turn would fail the list.
                 raise _sender_refused(self._smtp, envelope.sender, exc) from exc
             raise _delivery_error(envelope, exc.code, exc.message) from exc
         except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
-            await self._discard(client, polite=False)
+            await self._discard(session, polite=False)
             detail = str(exc) or type(exc).__name__
             if after_dot:
                 raise DeliveryError(
@@ -234,21 +231,22 @@ class SMTPTransport:
             raise TransientDeliveryError(
                 f"connection lost: {detail}", recipient=envelope.recipient, reply=detail
             ) from exc
-        self._idle.append(client)
+        self._idle.append(session)
         return reply
 
-    async def _session(self) -> aiosmtplib.SMTP:
+    async def _session(self) -> _Session:
         """An idle pooled session that is still connected, else a new one."""
         while self._idle:
-            client = self._idle.pop()
-            if client.is_connected:
-                return client
-            # Closed by the server while idle (its timeout, RFC 5321 4.5.3.2.7): not
-            # a delivery failure, so it must not use up one of the message's attempts.
-            await self._discard(client, polite=False)
+            session = self._idle.pop()
+            if session.ready:
+                return session
+            # Closed by the server while idle (its timeout, RFC 5321 4.5.3.2.7), or
+            # it said something unasked (a 421 before closing): not a delivery
+            # failure, so it must not use up one of the message's attempts.
+            await self._discard(session, polite=False)
         return await self._connect()
 
-    async def _connect(self) -> aiosmtplib.SMTP:
+    async def _connect(self) -> _Session:
         smtp = self._smtp
         client = aiosmtplib.SMTP(
             hostname=smtp.host,
@@ -271,6 +269,7 @@ class SMTPTransport:
                     await client.ehlo()
                 except aiosmtplib.SMTPHeloError:
                     await client.helo()  # RFC 5321 4.1.1.1: an old server may know only HELO
+            session = _Session(client, smtp.timeout)
         except aiosmtplib.SMTPAuthenticationError as exc:
             client.close()
             raise ServerError(
@@ -326,24 +325,195 @@ class SMTPTransport:
                 transient=True,
                 hint="check [smtp] host and port, and that the server is up",
             ) from exc
-        self._all.add(client)
-        return client
+        self._all.add(session)
+        return session
 
-    async def _reset(self, client: aiosmtplib.SMTP) -> None:
+    async def _reset(self, session: _Session) -> None:
         # RFC 5321 4.1.1.5: RSET clears the failed transaction so the session can be reused.
-        try:
-            await client.rset(timeout=self._smtp.timeout)
-        except (TimeoutError, aiosmtplib.SMTPException, OSError):
-            await self._discard(client, polite=False)
-            return
-        self._idle.append(client)
+        if session.ready:
+            session.write(b"RSET\r\n")
+            with contextlib.suppress(TimeoutError, aiosmtplib.SMTPException, OSError):
+                if (await session.reply()).code == 250:
+                    self._idle.append(session)
+                    return
+        await self._discard(session, polite=False)
 
-    async def _discard(self, client: aiosmtplib.SMTP, *, polite: bool) -> None:
-        self._all.discard(client)
+    async def _discard(self, session: _Session, *, polite: bool) -> None:
+        self._all.discard(session)
         if polite:
-            with contextlib.suppress(aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
-                await client.quit(timeout=5)
-        client.close()
+            await session.quit()
+        session.close()
+
+
+# What each command of a message's envelope must get back (RFC 5321 4.3.2):
+# MAIL 250; RCPT 250 or 251 (will forward); DATA 354 (start mail input).
+_ACCEPTED: tuple[frozenset[int], ...] = (frozenset({250}), frozenset({250, 251}), frozenset({354}))
+
+
+async def _check_envelope(
+    session: _Session, envelope: Envelope, replies: list[aiosmtplib.SMTPResponse]
+) -> None:
+    """Raise for the first of MAIL, RCPT, DATA refused, or for a session that ended first."""
+    for stage, reply in enumerate(replies):
+        if reply.code in _ACCEPTED[stage]:
+            continue
+        if len(replies) == 3 and replies[2].code == 354:
+            # RFC 2920 3.1: a server that takes DATA after refusing the recipient
+            # gets an empty message ended at once; its reply delivers nothing.
+            session.write(b".\r\n")
+            with contextlib.suppress(TimeoutError, aiosmtplib.SMTPException, OSError):
+                await session.reply()
+        if stage == 0:
+            raise aiosmtplib.SMTPSenderRefused(reply.code, reply.message, envelope.sender)
+        if stage == 1:
+            raise aiosmtplib.SMTPRecipientRefused(reply.code, reply.message, envelope.recipient)
+        raise aiosmtplib.SMTPDataError(reply.code, reply.message)
+    if len(replies) < 3:
+        raise session.trouble()
+
+
+class _Session(asyncio.Protocol):
+    """One SMTP session, greeted, after EHLO, STARTTLS and AUTH: its message transactions.
+
+    aiosmtplib opens the session (TLS, EHLO, AUTH: the parts worth a library),
+    then hands its transport to this protocol. Written by hand because
+    aiosmtplib cannot pipeline: its protocol keeps one reply at a time and drops
+    or strands the rest ("if multiple commands are written to the transport
+    without awaiting, response data will be lost", SMTPProtocol.read_response).
+    With PIPELINING (RFC 2920) a message costs two round trips instead of four,
+    and this reads a group's replies with one wake-up and one timer.
+    """
+
+    # RFC 5321 4.5.3.1.5 allows 512 octets a reply line; a few lines of them is
+    # plenty. More without an end means the peer is not speaking SMTP.
+    _MAX_PENDING = 64 * 1024
+    _MAX_LINES = 1000
+
+    def __init__(self, client: aiosmtplib.SMTP, timeout: float) -> None:
+        # Not isinstance(asyncio.Transport): uvloop's transports do not inherit from it.
+        transport = cast("asyncio.Transport | None", client.transport)
+        if transport is None or transport.is_closing():
+            raise aiosmtplib.SMTPServerDisconnected("connection lost during the greeting")
+        self.pipelining = client.supports_extension("pipelining")
+        self.extensions = sorted(client.esmtp_extensions)
+        self.tls = transport.get_extra_info("sslcontext") is not None
+        self._transport = transport
+        # [smtp] timeout, for every reply (one value, as before, for all commands).
+        self._timeout = timeout
+        self._loop = asyncio.get_running_loop()
+        self._pending = bytearray()
+        self._lines: list[bytes] = []
+        self._replies: collections.deque[aiosmtplib.SMTPResponse] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._wanted = 0
+        self._trouble: aiosmtplib.SMTPException | None = None
+        # From here on the transport talks to this protocol only; aiosmtplib's
+        # client keeps no reference that acts on it.
+        transport.set_protocol(self)
+
+    @property
+    def ready(self) -> bool:
+        """Connected, and with nothing unasked waiting: fit for the next message."""
+        return self._trouble is None and not self._replies and not self._transport.is_closing()
+
+    def trouble(self) -> aiosmtplib.SMTPException:
+        """Why the session cannot go on (lost, timed out, or not speaking SMTP)."""
+        return self._trouble or aiosmtplib.SMTPServerDisconnected("connection lost")
+
+    def write(self, data: bytes) -> None:
+        if self._trouble is not None:
+            raise self._trouble
+        if self._transport.is_closing():
+            raise aiosmtplib.SMTPServerDisconnected("connection lost")
+        self._transport.write(data)
+
+    async def replies(self, count: int) -> list[aiosmtplib.SMTPResponse]:
+        """The next `count` replies, or those that came before the session failed."""
+        # No pause_writing/resume_writing: a session has one message in flight
+        # at most, and the writer waits for its reply anyway (under the timer),
+        # so the transport's buffer holds one message, not a backlog.
+        if len(self._replies) < count and self._trouble is None:
+            waiter = self._loop.create_future()
+            self._waiter, self._wanted = waiter, count
+            timer = self._loop.call_later(self._timeout, self._time_out)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
+        take = min(count, len(self._replies))
+        return [self._replies.popleft() for _ in range(take)]
+
+    async def reply(self) -> aiosmtplib.SMTPResponse:
+        """The next reply; raises if the session fails first."""
+        got = await self.replies(1)
+        if not got:
+            raise self.trouble()
+        return got[0]
+
+    async def quit(self) -> None:
+        """QUIT politely (RFC 5321 4.1.1.10), then close; never raises."""
+        with contextlib.suppress(TimeoutError, aiosmtplib.SMTPException, OSError):
+            if self.ready:
+                self.write(b"QUIT\r\n")
+                await self.replies(1)
+        self.close()
+
+    def close(self) -> None:
+        if not self._transport.is_closing():
+            self._transport.close()
+
+    # -- asyncio.Protocol ---------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        pending = self._pending
+        pending += data
+        start = 0
+        while (end := pending.find(b"\n", start)) != -1:
+            line = bytes(pending[start : end + 1])
+            start = end + 1
+            # RFC 5321 4.2: "250-text" continues a reply, "250 text" (or "250") ends it.
+            code = line[:3]
+            if not code.isdigit() or line[3:4] not in (b" ", b"-", b"\r", b"\n"):
+                # Not a refusal with a code, but a session that cannot go on.
+                self._fail(aiosmtplib.SMTPException(f"not an SMTP reply: {line[:80]!r}"))
+                return
+            self._lines.append(line[4:].strip(b" \t\r\n"))
+            if len(self._lines) > self._MAX_LINES:
+                self._fail(aiosmtplib.SMTPException("a reply of more than 1,000 lines"))
+                return
+            if line[3:4] != b"-":
+                text = b"\n".join(self._lines).decode("utf-8", "surrogateescape")
+                self._replies.append(aiosmtplib.SMTPResponse(int(code), text))
+                self._lines.clear()
+        del pending[:start]
+        if len(pending) > self._MAX_PENDING:
+            self._fail(aiosmtplib.SMTPException("a reply line longer than 64 KiB"))
+            return
+        waiter = self._waiter
+        if waiter is not None and len(self._replies) >= self._wanted and not waiter.done():
+            waiter.set_result(None)
+
+    def eof_received(self) -> bool:
+        self._fail(aiosmtplib.SMTPServerDisconnected("the server closed the connection"))
+        return False  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        lost = aiosmtplib.SMTPServerDisconnected("connection lost")
+        lost.__cause__ = exc
+        self._fail(lost)
+
+    def _time_out(self) -> None:
+        self._fail(
+            aiosmtplib.SMTPReadTimeoutError(f"no reply from the server in {self._timeout:g} s")
+        )
+
+    def _fail(self, exc: aiosmtplib.SMTPException) -> None:
+        if self._trouble is None:
+            self._trouble = exc
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
 
 class DryRunTransport:

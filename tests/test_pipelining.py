@@ -1,0 +1,298 @@
+"""SMTP PIPELINING (RFC 2920) and the reply reader, against a server each test scripts.
+
+aiosmtpd (tests/smtpd.py) answers every command as it reads it, so it cannot
+show that a client sent DATA before it had MAIL's reply, nor misbehave in the
+ways a broken server does. The small raw server here speaks just enough SMTP
+to greet, and lets each test decide what the transaction gets back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import pytest
+
+from appeal_mailer.config import SendingSettings, SmtpSettings
+from appeal_mailer.models import DeliveryResult, Envelope, State
+from appeal_mailer.ratelimit import RateLimiter
+from appeal_mailer.transport import SMTPTransport
+
+GREETING = b"220 scripted.test.invalid ESMTP\r\n"
+EHLO_PIPELINING = b"250-scripted.test.invalid\r\n250-PIPELINING\r\n250 8BITMIME\r\n"
+
+
+@dataclass
+class Connection:
+    """One client connection as the scripted server sees it."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    # Each command line the client sent, and each whole message (without the final dot).
+    commands: list[bytes] = field(default_factory=list)
+    messages: list[bytes] = field(default_factory=list)
+
+    async def command(self) -> bytes:
+        line = await self.reader.readline()
+        if not line:
+            raise ConnectionResetError("the client closed the connection")
+        self.commands.append(line)
+        return line
+
+    async def message(self) -> bytes:
+        """The data after 354, up to the line with the single dot (RFC 5321 4.1.1.4)."""
+        data = await self.reader.readuntil(b"\r\n.\r\n")
+        self.messages.append(data[: -len(b".\r\n")])
+        return data
+
+    async def reply(self, *lines: bytes) -> None:
+        self.writer.write(b"".join(line + b"\r\n" for line in lines))
+        await self.writer.drain()
+
+
+Script = Callable[[Connection, int], Awaitable[None]]
+
+
+@dataclass
+class ScriptedServer:
+    host: str
+    port: int
+    connections: list[Connection]
+
+
+Starter = Callable[[Script], Awaitable[ScriptedServer]]
+
+
+@pytest.fixture
+async def scripted() -> AsyncIterator[Starter]:
+    """Start a raw SMTP server on 127.0.0.1, port 0, running `script(connection, number)`.
+
+    The server greets and answers EHLO with PIPELINING; then the script runs.
+    Everything stops at the end of the test.
+    """
+    servers: list[asyncio.Server] = []
+
+    async def start(script: Script) -> ScriptedServer:
+        connections: list[Connection] = []
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            connection = Connection(reader, writer)
+            connections.append(connection)
+            with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+                writer.write(GREETING)
+                assert (await connection.command()).upper().startswith(b"EHLO")
+                writer.write(EHLO_PIPELINING)
+                await script(connection, len(connections))
+            writer.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        servers.append(server)
+        port = server.sockets[0].getsockname()[1]
+        return ScriptedServer("127.0.0.1", port, connections)
+
+    yield start
+    for server in servers:
+        server.close()
+        await server.wait_closed()
+
+
+def transport_for(server: ScriptedServer, timeout: float = 2.0) -> SMTPTransport:
+    smtp = SmtpSettings(
+        host=server.host, port=server.port, security="none", timeout=timeout, connections=1
+    )
+    sending = SendingSettings(
+        rate=0, max_attempts=5, attempts_per_run=1, retry_backoff=0.01, retry_max_delay=0.05
+    )
+    return SMTPTransport(smtp, sending, RateLimiter(0, {}))
+
+
+def envelope(row_id: int, recipient: str) -> Envelope:
+    data = f"Subject: test {row_id}\r\n\r\nbody {row_id}\r\n".encode()
+    return Envelope(row_id, "appeal@example.org", recipient, f"<{row_id}@test.invalid>", data)
+
+
+async def send_all(transport: SMTPTransport, *envelopes: Envelope) -> list[DeliveryResult]:
+    await transport.open()
+    try:
+        return [await transport.send(item, attempts_allowed=1) for item in envelopes]
+    finally:
+        await transport.close()
+
+
+async def serve_messages(connection: Connection, count: int) -> None:
+    """Answer `count` pipelined transactions normally, each group only once it is whole."""
+    for _ in range(count):
+        # Not one reply before DATA has arrived: a client that waited for
+        # MAIL's reply before sending RCPT would wait here until it timed out.
+        group = [await connection.command() for _ in range(3)]
+        assert [line.split(b":")[0].split()[0].upper() for line in group] == [
+            b"MAIL",
+            b"RCPT",
+            b"DATA",
+        ]
+        await connection.reply(b"250 2.1.0 sender ok", b"250 2.1.5 recipient ok", b"354 go on")
+        await connection.message()
+        await connection.reply(b"250 2.0.0 queued")
+
+
+async def test_with_pipelining_mail_rcpt_and_data_go_before_any_reply(scripted: Starter) -> None:
+    """A server saying PIPELINING gets MAIL, RCPT and DATA before it answers any of them."""
+
+    async def script(connection: Connection, _number: int) -> None:
+        await serve_messages(connection, 2)
+        await connection.command()  # QUIT
+        await connection.reply(b"221 bye")
+
+    server = await scripted(script)
+    results = await send_all(
+        transport_for(server), envelope(1, "a@example.org"), envelope(2, "b@example.org")
+    )
+    assert [r.state for r in results] == [State.SENT, State.SENT], results
+    assert [r.reply for r in results] == ["2.0.0 queued", "2.0.0 queued"]
+    (connection,) = server.connections  # one session for both messages
+    assert connection.messages == [
+        b"Subject: test 1\r\n\r\nbody 1\r\n",
+        b"Subject: test 2\r\n\r\nbody 2\r\n",
+    ]
+
+
+async def test_a_recipient_refused_in_a_group_fails_and_a_data_accepted_anyway_gets_a_lone_dot(
+    scripted: Starter,
+) -> None:
+    """RCPT 550 but DATA 354 (a broken server): the client ends DATA with a lone "." and goes on.
+
+    RFC 2920 3.1: the refusal decides (the recipient fails, once); nothing of the
+    message is sent; the session is reset and carries the next message.
+    """
+    seen_after_refusal: list[bytes] = []
+
+    async def script(connection: Connection, _number: int) -> None:
+        for _ in range(3):
+            await connection.command()
+        await connection.reply(b"250 ok", b"550 5.1.1 no such user", b"354 go on anyway")
+        seen_after_refusal.append(await connection.reader.readuntil(b".\r\n"))
+        await connection.reply(b"554 5.5.1 no valid recipients")
+        assert (await connection.command()).upper() == b"RSET\r\n"
+        await connection.reply(b"250 reset")
+        await serve_messages(connection, 1)
+
+    server = await scripted(script)
+    refused, delivered = await send_all(
+        transport_for(server), envelope(1, "gone@example.org"), envelope(2, "b@example.org")
+    )
+    assert (refused.state, refused.code, refused.reply) == (
+        State.FAILED,
+        550,
+        "5.1.1 no such user",
+    )
+    assert seen_after_refusal == [b".\r\n"]
+    assert delivered.state is State.SENT
+    assert len(server.connections) == 1
+    assert server.connections[0].messages == [b"Subject: test 2\r\n\r\nbody 2\r\n"]
+
+
+async def test_421_to_mail_then_a_close_defers_the_message(scripted: Starter) -> None:
+    """MAIL 421 and the connection closed before the other replies: deferred, not failed."""
+
+    async def script(connection: Connection, number: int) -> None:
+        for _ in range(3):
+            await connection.command()
+        await connection.reply(b"421 4.3.2 shutting down")
+
+    server = await scripted(script)
+    (result,) = await send_all(transport_for(server), envelope(1, "a@example.org"))
+    assert (result.state, result.code) == (State.DEFERRED, 421), result
+
+
+async def test_an_unasked_reply_while_idle_retires_the_session_without_using_an_attempt(
+    scripted: Starter,
+) -> None:
+    """A session that says something unasked while idle (a 421 notice) is not reused.
+
+    The next message goes on a new session at its first attempt; the stray
+    reply is never taken for that message's MAIL reply.
+    """
+    delivered_first = asyncio.Event()
+
+    async def script(connection: Connection, number: int) -> None:
+        await serve_messages(connection, 1)
+        if number == 1:
+            await connection.reply(b"421 4.4.2 idle too long")  # unasked; the socket stays open
+            delivered_first.set()
+            await asyncio.sleep(5)
+
+    server = await scripted(script)
+    transport = transport_for(server)
+    await transport.open()
+    try:
+        first = await transport.send(envelope(1, "a@example.org"), attempts_allowed=1)
+        await delivered_first.wait()
+        await asyncio.sleep(0.05)  # the 421 reaches the client while the session is idle
+        second = await transport.send(envelope(2, "b@example.org"), attempts_allowed=1)
+    finally:
+        await transport.close()
+    assert (first.state, second.state) == (State.SENT, State.SENT), second
+    assert second.attempts == 1
+    assert len(server.connections) == 2
+    assert server.connections[1].messages == [b"Subject: test 2\r\n\r\nbody 2\r\n"]
+
+
+@pytest.mark.parametrize(
+    ("garbage", "after_dot"),
+    [
+        (b"HTTP/1.1 400 Bad Request", False),
+        (b"25", False),
+        (b"2500 ok", True),
+    ],
+)
+async def test_a_reply_that_is_not_smtp_ends_the_session(
+    scripted: Starter, garbage: bytes, after_dot: bool
+) -> None:
+    """Garbage for a reply defers the message (or, after the final dot, makes it unknown).
+
+    Never a permanent failure: it says nothing about the recipient. The session
+    is dropped, and the next message goes on a new one.
+    """
+
+    async def script(connection: Connection, number: int) -> None:
+        if number == 2:
+            await serve_messages(connection, 1)
+            return
+        for _ in range(3):
+            await connection.command()
+        if after_dot:
+            await connection.reply(b"250 ok", b"250 ok", b"354 go on")
+            await connection.message()
+        await connection.reply(garbage)
+        await asyncio.sleep(5)
+
+    server = await scripted(script)
+    broken, delivered = await send_all(
+        transport_for(server, timeout=0.5),
+        envelope(1, "a@example.org"),
+        envelope(2, "b@example.org"),
+    )
+    assert broken.state is (State.UNKNOWN if after_dot else State.DEFERRED), broken
+    assert delivered.state is State.SENT
+    assert len(server.connections) == 2
+
+
+async def test_a_multiline_final_reply_is_read_whole(scripted: Starter) -> None:
+    """A reply in several lines, arriving in pieces, is one reply, joined (RFC 5321 4.2.1)."""
+
+    async def script(connection: Connection, _number: int) -> None:
+        for _ in range(3):
+            await connection.command()
+        await connection.reply(b"250 ok", b"250 ok", b"354 go on")
+        await connection.message()
+        connection.writer.write(b"250-2.0.0 queued as A1\r\n25")
+        await connection.writer.drain()
+        await asyncio.sleep(0.05)
+        await connection.reply(b"0 2.0.0 thank you")
+
+    server = await scripted(script)
+    (result,) = await send_all(transport_for(server), envelope(1, "a@example.org"))
+    assert (result.state, result.code) == (State.SENT, 250)
+    assert result.reply == "2.0.0 queued as A1\n2.0.0 thank you"
