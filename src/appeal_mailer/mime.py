@@ -62,7 +62,13 @@ class MessageBuilder:
         self._campaign_id = campaign.id
         from_name, from_address = campaign.sender
         self._domain = from_address.rpartition("@")[2]
-        self._unsubscribe_mailto = campaign.unsubscribe_mailto
+        # The same for every recipient: built once, not once a message.
+        self._unsubscribe_mailto = (
+            f"mailto:{campaign.unsubscribe_mailto}"
+            f"?subject={urllib.parse.quote(f'unsubscribe {campaign.id}')}"
+            if campaign.unsubscribe_mailto
+            else None
+        )
         self._unsubscribe_url = campaign.unsubscribe_url
         self._unsubscribe_key = unsubscribe_key
         fixed = [header("From", mailbox(from_name, from_address))]
@@ -91,8 +97,7 @@ class MessageBuilder:
         if self._unsubscribe_url:
             urls.append(self._personal_url(self._unsubscribe_url, email))
         if self._unsubscribe_mailto:
-            subject = urllib.parse.quote(f"unsubscribe {self._campaign_id}")
-            urls.append(f"mailto:{self._unsubscribe_mailto}?subject={subject}")
+            urls.append(self._unsubscribe_mailto)
         return urls
 
     def build(self, message: RenderedMessage, *, message_id: str, date: datetime) -> bytes:
