@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import csv
+import functools
+import string
 import subprocess
 import sys
-from collections.abc import Iterator
+import tracemalloc
+import unicodedata
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from email_validator import EmailNotValidError, validate_email
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from appeal_mailer import lists
 from appeal_mailer.errors import ListError
-from appeal_mailer.lists import read_recipients
+from appeal_mailer.lists import _CONTROL, normalize_address, read_recipients
 from appeal_mailer.models import Recipient, SkippedRow
 
 HEADER = "email,name,organization,language,timezone\n"
@@ -363,6 +371,289 @@ def test_invalid_row_does_not_count_as_the_first_of_a_duplicate(tmp_path: Path) 
     assert isinstance(items[0], SkippedRow)
     assert isinstance(items[1], Recipient)
     assert items[1].line == 3
+
+
+# -- the address shortcut: the same verdicts as email-validator ----------------------
+
+
+def old_normalize_address(text: str) -> str:
+    """normalize_address as it was before the shortcut: email-validator for every address."""
+    bad = _CONTROL.search(text)
+    if bad:
+        raise ValueError(f"contains the control character U+{ord(bad.group()):04X}, refused")
+    address = unicodedata.normalize("NFC", text).strip()
+    if not address:
+        raise ValueError("empty address")
+    try:
+        checked = validate_email(address, check_deliverability=False, allow_smtputf8=True)
+    except EmailNotValidError as exc:
+        raise ValueError(f"invalid address {address!r}: {exc}") from exc
+    if checked.ascii_email is None:
+        raise ValueError(
+            f"{address!r} has a non-ASCII mailbox name, which needs SMTPUTF8 (RFC 6531); "
+            "appeal-mailer does not send such mail yet"
+        )
+    return checked.ascii_email.lower()
+
+
+def verdict(normalize: Callable[[str], str], text: str) -> tuple[str, str]:
+    try:
+        return ("mailed as", normalize(text))
+    except ValueError as exc:
+        return ("refused", str(exc))
+
+
+def assert_same_verdicts(addresses: list[str]) -> None:
+    """Each address, in this order from an empty cache, gets the verdict email-validator gives."""
+    lists._domain_verdict.cache_clear()
+    for text in addresses:
+        assert verdict(normalize_address, text) == verdict(old_normalize_address, text), text
+
+
+_ATEXT = string.ascii_letters + string.digits + "!#$%&'*+-/=?^_`{|}~"
+
+
+def _long_domain(length: int, label: str) -> str:
+    """A domain of `length` characters: `label` repeated, dot-separated, ending in .org."""
+    head = ".".join([label] * (length // (len(label) + 1) + 1))
+    return (head[: length - len(".org")] + ".org").replace("..", ".a")
+
+
+# Valid dot-atoms, the common case, weighted up against the many ways to be invalid.
+_dot_atoms = st.lists(
+    st.text(alphabet=_ATEXT, min_size=1, max_size=6), min_size=1, max_size=3
+).map(".".join)
+local_parts = st.one_of(
+    _dot_atoms,
+    _dot_atoms,
+    _dot_atoms,
+    # Near misses: leading, trailing and double dots, empty.
+    st.text(alphabet=_ATEXT + ".", max_size=12),
+    st.builds(
+        lambda name, tag: f"{name}+{tag}",
+        st.text(alphabet=string.ascii_letters + ".", min_size=1, max_size=8),
+        st.text(alphabet=string.ascii_letters + string.digits, max_size=6),
+    ),
+    # Around the 64-octet local-part limit, and long enough to reach 254 in all.
+    st.integers(58, 70).map(lambda n: "a" * n),
+    st.integers(220, 260).map(lambda n: "B" * n),
+    # Quoted, with what only quotes allow.
+    st.text(alphabet=_ATEXT + ' .@"\\,;:<>()[]', max_size=10).map(lambda t: f'"{t}"'),
+    # Cyrillic (SMTPUTF8), odd characters, combining marks, full-width and lookalike at-signs.
+    st.text(alphabet="абвгдежзийкАБВГ.", min_size=1, max_size=8),
+    st.text(alphabet=_ATEXT + ' ,;:<>()[]\\".ä\u0301\u0338п\u3000\uff20\ufe6b', max_size=8),
+    st.sampled_from(["", "a", "Postmaster", "INFO", "x..y", ".x", "x.", "Ann <ann", '"a b"']),
+)
+
+_label = st.text(alphabet=string.ascii_lowercase + string.digits + "-", max_size=8)
+_valid_domains = st.one_of(
+    st.sampled_from(
+        [
+            "example.org",
+            "Example.ORG",
+            "пример.рф",
+            "профсоюз.рф",
+            "bücher.de",
+            "Straße.de",
+            "ÉCOLE.fr",
+            "例え.jp",
+            # Longer as written than in either of the forms email-validator makes of it.
+            "example\uff0eorg",
+            "\uff45\uff58\uff41\uff4d\uff50\uff4c\uff45.org",
+        ]
+    ),
+    st.builds(
+        "{}.{}".format,
+        st.text(alphabet=string.ascii_letters + string.digits, min_size=1, max_size=10),
+        st.sampled_from(["org", "com", "kz", "рф", "xn--p1ai", "DE"]),
+    ),
+)
+domains = st.one_of(
+    _valid_domains,
+    _valid_domains,
+    # Punycode (valid and not), other label separators, right-to-left labels,
+    # special-use names, literals, and malformed domains.
+    st.sampled_from(
+        [
+            "mail.example.co.uk",
+            "ПРИМЕР.РФ",
+            "xn--e1afmkfd.xn--p1ai",
+            "xn--80ak6aa92e.com",
+            "xn--abc.com",
+            "example\u3002org",
+            "אב.1.com",
+            "1.xn--4dbc.com",
+            "\u0301example.org",
+            "localhost",
+            "printer.local",
+            "site.test",
+            "nothing.invalid",
+            "example",
+            "host.arpa",
+            "secret.onion",
+            "example.123",
+            "192.168.0.1",
+            "[192.168.0.1]",
+            "[IPv6:2001:db8::1]",
+            "[ipv6:fe80::1%eth0]",
+            "[1.2.3]",
+            "[tag:value]",
+            "a..example.org",
+            ".example.org",
+            "example.org.",
+            "-example.org",
+            "ab--cd.example.org",
+            "example.org>",
+            "@example.org",
+            "exa mple.org",
+            "exa_mple.org",
+            "",
+        ]
+    ),
+    # Empty labels, hyphens in odd places, numeric top-level domains.
+    st.lists(_label, min_size=1, max_size=4).map(".".join),
+    st.lists(
+        st.text(alphabet="абвгдüößé-" + string.ascii_lowercase, min_size=1, max_size=10),
+        min_size=2,
+        max_size=3,
+    ).map(".".join),
+    # Around the 253-character domain limit and the 63-octet label limit, in ASCII
+    # and in forms whose IDNA ASCII or UTF-8 is longer than the text.
+    st.builds(
+        _long_domain,
+        st.integers(230, 256),
+        st.sampled_from(["a" * 63, "b" * 64, "c" * 20, "ü" * 20, "я" * 9, "x\uff0ey"]),
+    ),
+)
+
+
+@st.composite
+def addresses_at_shared_domains(draw: st.DrawFn) -> list[str]:
+    """Several local parts at each of a few domains, shuffled: a domain is met again and again.
+
+    Each domain also gets a local part that brings the address as written to a
+    few octets either side of 254, so the length limits are met from both sides.
+    """
+    at = draw(st.lists(domains, min_size=1, max_size=3))
+    before = draw(st.lists(local_parts, min_size=1, max_size=5))
+    texts = [
+        f"{local}@{domain}" if draw(st.booleans()) else f" {local}@{domain.upper()} "
+        for local in before
+        for domain in at
+    ]
+    for domain in at:
+        padding = 253 - len(domain.encode()) + draw(st.integers(-4, 8))
+        texts.append("p" * max(padding, 1) + "@" + domain)
+    return draw(st.permutations(texts))
+
+
+PROPERTY = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@PROPERTY
+@given(addresses=addresses_at_shared_domains())
+def test_every_address_gets_the_verdict_email_validator_gives_it(addresses: list[str]) -> None:
+    """Remembering domains and skipping plain local parts change no result and no message.
+
+    Valid and invalid addresses at the same domain come in either order, so a
+    domain is remembered from one kind of address and then used for the other.
+    """
+    assert_same_verdicts(addresses)
+
+
+@pytest.mark.parametrize(
+    "addresses",
+    [
+        # 254 octets in all is accepted, 255 refused, whatever the local part's length.
+        ["a" * 242 + "@example.org", "a" * 243 + "@example.org", "a" * 242 + "@example.org"],
+        ["a" * 64 + "@example.org", "a" * 65 + "@example.org"],
+        # The IDNA ASCII form is the longest: 254 accepted, 255 refused saying so.
+        ["u" * 233 + "@пример.рф", "u" * 232 + "@пример.рф", "u" * 233 + "@пример.рф"],
+        # The form as written (a full-width dot, 3 octets) is the longest.
+        [
+            "u" * 241 + "@example\uff0eorg",
+            "u" * 240 + "@example\uff0eorg",
+            "u" * 242 + "@example\uff0eorg",
+        ],
+        # A domain of 252 characters takes a one-octet local part only; at 253 characters
+        # nothing fits (nor does the shortcut's own probe of the domain, "a@" in front).
+        ["xy@" + _long_domain(252, "a" * 63), "x@" + _long_domain(252, "a" * 63)],
+        ["x@" + _long_domain(253, "a" * 63), "x@" + _long_domain(251, "a" * 63)],
+        # A valid address, then invalid ones at its domain, and the reverse.
+        ["ann@example.org", "ann..b@example.org", '"a b"@example.org', "анна@example.org"],
+        ["анна@example.org", '"a b"@example.org', ".ann@example.org", "ann@example.org"],
+        ["a@localhost", "b@localhost", "a@[127.0.0.1]", "b@[127.0.0.1]", "Ann <a@example.org>"],
+        ['"ann"@example.org', "ann@example.org", "Postmaster@Example.ORG", "x@exa_mple.org"],
+    ],
+)
+def test_addresses_near_the_limits_get_the_verdicts_email_validator_gives(
+    addresses: list[str],
+) -> None:
+    """At and past the length limits, and with each kind of address first, nothing changes."""
+    assert_same_verdicts(addresses)
+
+
+def test_under_nfc_no_character_combines_with_the_at_sign_nor_ascii_with_ascii() -> None:
+    """The shortcut's split at the first "@" is email-validator's, in this Unicode version.
+
+    email-validator does not split at a character that NFC combines with the ones
+    after it; a dot-atom local part is ASCII followed by ASCII, then "@".
+    """
+    at_sign = [
+        cp for cp in range(0x110000) if unicodedata.normalize("NFC", f"@{chr(cp)}")[0] != "@"
+    ]
+    ascii_pairs = [
+        (a, b)
+        for a in map(chr, range(128))
+        for b in map(chr, range(128))
+        if unicodedata.normalize("NFC", a + b) != a + b
+    ]
+    assert (at_sign, ascii_pairs) == ([], [])
+
+
+def test_a_domain_is_validated_once_for_its_plain_addresses() -> None:
+    """The second plain address at a domain, spelled alike, reuses email-validator's verdict."""
+    lists._domain_verdict.cache_clear()
+    assert normalize_address("Ann@Пример.РФ") == "ann@xn--e1afmkfd.xn--p1ai"
+    assert normalize_address("bob+news@Пример.РФ") == "bob+news@xn--e1afmkfd.xn--p1ai"
+    info = lists._domain_verdict.cache_info()
+    assert (info.misses, info.hits) == (1, 1)
+
+
+def test_the_remembered_domains_are_bounded() -> None:
+    """Past _DOMAINS_REMEMBERED distinct domains the least recently used are forgotten."""
+    lists._domain_verdict.cache_clear()
+    limit = lists._DOMAINS_REMEMBERED
+    for number in range(limit + 100):
+        normalize_address(f"member@branch{number}.example.org")
+    info = lists._domain_verdict.cache_info()
+    assert (info.maxsize, info.currsize) == (limit, limit)
+    lists._domain_verdict.cache_clear()
+
+
+def test_memory_stays_flat_however_many_domains_a_list_has(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With the cache full, 1000 more distinct domains take no more memory.
+
+    Measured with room for 100 domains, so that tracemalloc sees the entries it
+    forgets being allocated (and their memory returned); the mechanism is the same.
+    """
+    small = functools.lru_cache(maxsize=100)(lists._domain_verdict.__wrapped__)
+    monkeypatch.setattr(lists, "_domain_verdict", small)
+    tracemalloc.start()
+    try:
+        for number in range(100):
+            normalize_address(f"member@branch{number}.example.org")
+        before = tracemalloc.get_traced_memory()[0]
+        for number in range(100, 1100):
+            normalize_address(f"member@branch{number}.example.org")
+        growth = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert small.cache_info().currsize == 100
+    # Remembering all 1000 would take about 300 KB.
+    assert growth < 20_000, f"grew by {growth} bytes"
 
 
 # -- language and time zone ----------------------------------------------------------
