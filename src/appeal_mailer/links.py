@@ -1,42 +1,36 @@
 """`mailto:` links for templates (RFC 6068): one click opens a ready letter, addressed.
 
 Written here because no well-kept library builds mailto URIs. The encoding is
-`urllib.parse.quote`'s, done faster (see _PercentEncoding).
+`urllib.parse.quote`'s, done faster (see quote).
 """
 
 from __future__ import annotations
 
+import functools
 import string
 from collections.abc import Iterable
 
 from markupsafe import Markup
 
+# RFC 3986 2.3 unreserved characters stand for themselves; all else is encoded.
+_UNRESERVED = frozenset((string.ascii_letters + string.digits + "-._~").encode("ascii"))
+# What each byte of the UTF-8 text becomes: itself if unreserved, else %XX.
+_BYTE = [chr(byte) if byte in _UNRESERVED else f"%{byte:02X}" for byte in range(256)]
 
-class _PercentEncoding(dict[int, str]):
-    """`str.translate` table: each character to itself if unreserved, else its %XX UTF-8 bytes.
+
+@functools.lru_cache(maxsize=4)
+def quote(text: str) -> str:
+    """`text` percent-encoded as UTF-8, every character but the unreserved ones.
 
     The same output as `urllib.parse.quote(text, safe="")` (a property test says
-    so), but the work is done by `str.translate` in C: `quote` runs a Python
-    list comprehension over every byte, and a protest's letter in a link is
-    2,000 to 6,000 bytes, for every recipient, twice (text and HTML). That made
-    it the largest cost of rendering the protest (a 2,000-recipient dry run
-    spent 2.9 s of 8.6 in it). Non-ASCII characters are encoded once each and kept.
+    so), with the per-byte work done in C (`map` over a 256-entry list): `quote`
+    runs a Python list comprehension over every byte, and a protest's letter in
+    a link is 2,000 to 6,000 bytes, for every recipient. Measured on 1,700
+    characters: 42 µs against urllib's 71 (English), 90 against 128 (Russian).
+    The few last texts are remembered: a template that links one letter from
+    its text and its HTML part encodes it once.
     """
-
-    def __missing__(self, code: int) -> str:
-        encoded = "".join(f"%{byte:02X}" for byte in chr(code).encode("utf-8"))
-        self[code] = encoded
-        return encoded
-
-
-# RFC 3986 2.3 unreserved characters stand for themselves; all else is encoded.
-_UNRESERVED = string.ascii_letters + string.digits + "-._~"
-_PERCENT = _PercentEncoding({ord(c): c for c in _UNRESERVED})
-
-
-def quote(text: str) -> str:
-    """`text` percent-encoded as UTF-8, every character but the unreserved ones."""
-    return text.translate(_PERCENT)
+    return "".join(map(_BYTE.__getitem__, text.encode("utf-8")))
 
 
 def mailto(
