@@ -191,6 +191,21 @@ def test_any_letter_round_trips_through_urllib(body: str, subject: str) -> None:
     assert fields["body"] == [normalized]
 
 
+@given(st.lists(st.text(st.characters(exclude_categories=["Cs"])), min_size=1, max_size=6))
+def test_a_letter_encoded_line_by_line_is_the_whole_letter_encoded(lines: list[str]) -> None:
+    """Property: mailto() encodes (and remembers) lines; the URI is urllib's, whole, all the same.
+
+    Each letter is linked twice, as the text and HTML parts do, so the second
+    time every line comes from the cache.
+    """
+    body = "\n".join(lines)
+    whole = "\r\n".join(body.replace("\r\n", "\n").replace("\r", "\n").split("\n"))
+    query = "?body=" + urllib_quote(whole, safe="") if body else ""  # no body, no field
+    expected = "mailto:court@example.kz" + query
+    assert mailto("court@example.kz", body=body) == expected
+    assert mailto("court@example.kz", body=body) == expected
+
+
 def test_the_protest_links_to_its_own_letter_addressed_to_the_court(
     run_cli: CliRun, write_list: ListWriter, smtp_server: RecordingServer, config_file: Path
 ) -> None:

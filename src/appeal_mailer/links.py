@@ -18,7 +18,6 @@ _UNRESERVED = frozenset((string.ascii_letters + string.digits + "-._~").encode("
 _BYTE = [chr(byte) if byte in _UNRESERVED else f"%{byte:02X}" for byte in range(256)]
 
 
-@functools.lru_cache(maxsize=4)
 def quote(text: str) -> str:
     """`text` percent-encoded as UTF-8, every character but the unreserved ones.
 
@@ -27,10 +26,14 @@ def quote(text: str) -> str:
     runs a Python list comprehension over every byte, and a protest's letter in
     a link is 2,000 to 6,000 bytes, for every recipient. Measured on 1,700
     characters: 42 µs against urllib's 71 (English), 90 against 128 (Russian).
-    The few last texts are remembered: a template that links one letter from
-    its text and its HTML part encodes it once.
     """
     return "".join(map(_BYTE.__getitem__, text.encode("utf-8")))
+
+
+# A letter is the same for every recipient but for a line or two (the name, the
+# organization), so its lines are encoded once each and remembered: a bounded
+# number of them, so that a list of different names cannot grow it.
+_quote_line = functools.lru_cache(maxsize=1024)(quote)
 
 
 def mailto(
@@ -55,10 +58,11 @@ def mailto(
     if cc:
         fields.append("cc=" + ",".join(_address(address) for address in _addresses(cc)))
     if subject:
-        fields.append("subject=" + quote(subject))
+        fields.append("subject=" + _quote_line(subject))
     if body:
         lines = body.replace("\r\n", "\n").replace("\r", "\n").split("\n")
-        fields.append("body=" + quote("\r\n".join(lines)))
+        # quote("\r\n".join(lines)), a line at a time: CR LF is "%0D%0A".
+        fields.append("body=" + "%0D%0A".join(map(_quote_line, lines)))
     return uri + ("?" + "&".join(fields) if fields else "")
 
 
