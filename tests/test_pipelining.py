@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import pytest
 
@@ -22,6 +23,7 @@ from appeal_mailer.transport import SMTPTransport
 
 GREETING = b"220 scripted.test.invalid ESMTP\r\n"
 EHLO_PIPELINING = b"250-scripted.test.invalid\r\n250-PIPELINING\r\n250 8BITMIME\r\n"
+EHLO_LOCK_STEP = b"250-scripted.test.invalid\r\n250 8BITMIME\r\n"
 
 
 @dataclass
@@ -62,19 +64,23 @@ class ScriptedServer:
     connections: list[Connection]
 
 
-Starter = Callable[[Script], Awaitable[ScriptedServer]]
+class Starter(Protocol):
+    def __call__(
+        self, script: Script, *, pipelining: bool = True
+    ) -> Awaitable[ScriptedServer]: ...
 
 
 @pytest.fixture
 async def scripted() -> AsyncIterator[Starter]:
     """Start a raw SMTP server on 127.0.0.1, port 0, running `script(connection, number)`.
 
-    The server greets and answers EHLO with PIPELINING; then the script runs.
+    The server greets and answers EHLO, with PIPELINING unless told otherwise;
+    then the script runs.
     Everything stops at the end of the test.
     """
     servers: list[asyncio.Server] = []
 
-    async def start(script: Script) -> ScriptedServer:
+    async def start(script: Script, *, pipelining: bool = True) -> ScriptedServer:
         connections: list[Connection] = []
 
         async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -83,7 +89,7 @@ async def scripted() -> AsyncIterator[Starter]:
             with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
                 writer.write(GREETING)
                 assert (await connection.command()).upper().startswith(b"EHLO")
-                writer.write(EHLO_PIPELINING)
+                writer.write(EHLO_PIPELINING if pipelining else EHLO_LOCK_STEP)
                 await script(connection, len(connections))
             writer.close()
 
@@ -296,3 +302,144 @@ async def test_a_multiline_final_reply_is_read_whole(scripted: Starter) -> None:
     (result,) = await send_all(transport_for(server), envelope(1, "a@example.org"))
     assert (result.state, result.code) == (State.SENT, 250)
     assert result.reply == "2.0.0 queued as A1\n2.0.0 thank you"
+
+
+# -- without PIPELINING, and servers that say odd things ---------------------------------
+
+
+@pytest.mark.parametrize("fault", ["close", "stall"])
+async def test_without_pipelining_a_session_lost_at_mail_defers_the_message(
+    scripted: Starter, fault: str
+) -> None:
+    """One command at a time: MAIL answered by a close or by silence is a transient failure.
+
+    Nothing was sent, so the message is deferred (and retried), never unknown.
+    The next message goes on a new session.
+    """
+
+    async def script(connection: Connection, number: int) -> None:
+        if number == 2:
+            for _ in range(3):
+                command = await connection.command()
+                await connection.reply(b"354 go on" if command.startswith(b"DATA") else b"250 ok")
+            await connection.message()
+            await connection.reply(b"250 queued")
+            return
+        await connection.command()  # MAIL
+        if fault == "stall":
+            await asyncio.sleep(5)
+
+    server = await scripted(script, pipelining=False)
+    lost, delivered = await send_all(
+        transport_for(server, timeout=0.5),
+        envelope(1, "a@example.org"),
+        envelope(2, "b@example.org"),
+    )
+    assert lost.state is State.DEFERRED, lost
+    assert delivered.state is State.SENT, delivered
+    assert server.connections[1].messages == [b"Subject: test 2\r\n\r\nbody 2\r\n"]
+
+
+@pytest.mark.parametrize(
+    ("replies", "expected"),
+    [
+        # Neither what was asked nor a refusal: a confused server, not a verdict.
+        ((b"220 hello again", b"250 ok", b"354 go on"), State.DEFERRED),
+        ((b"250 ok", b"354 go on", b"354 go on"), State.DEFERRED),
+        ((b"999 what", b"250 ok", b"354 go on"), State.DEFERRED),
+    ],
+)
+async def test_an_unexpected_reply_before_the_data_defers_and_never_fails_the_recipient(
+    scripted: Starter, replies: tuple[bytes, ...], expected: State
+) -> None:
+    """A 2yz or 3yz where a refusal could be, or a code SMTP has not, defers (RFC 5321 4.2.1)."""
+
+    async def script(connection: Connection, _number: int) -> None:
+        for _ in range(3):
+            await connection.command()
+        await connection.reply(*replies)
+        with contextlib.suppress(asyncio.IncompleteReadError):
+            await connection.reader.readuntil(b".\r\n")  # the lone dot after a 354, if any
+            await connection.reply(b"554 no valid recipients")
+        await asyncio.sleep(5)
+
+    server = await scripted(script)
+    (result,) = await send_all(transport_for(server, timeout=0.5), envelope(1, "a@example.org"))
+    assert result.state is expected, result
+
+
+@pytest.mark.parametrize(
+    ("final", "expected"),
+    [
+        (b"252 2.0.0 accepted, probably", State.SENT),  # RFC 5321 4.2.1: 2yz is done
+        (b"354 go on again", State.UNKNOWN),  # after the dot, says nothing: never re-sent
+        (b"451 4.3.0 try again", State.DEFERRED),
+        (b"554 5.7.1 rejected", State.FAILED),
+    ],
+)
+async def test_the_reply_after_the_final_dot_decides_by_its_first_digit(
+    scripted: Starter, final: bytes, expected: State
+) -> None:
+    """After the data: 2yz sent, 4yz deferred, 5yz failed, anything else unknown."""
+
+    async def script(connection: Connection, _number: int) -> None:
+        for _ in range(3):
+            await connection.command()
+        await connection.reply(b"250 ok", b"250 ok", b"354 go on")
+        await connection.message()
+        await connection.reply(final)
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while await connection.command():
+                await connection.reply(b"250 ok")
+
+    server = await scripted(script)
+    (result,) = await send_all(transport_for(server, timeout=0.5), envelope(1, "a@example.org"))
+    assert result.state is expected, result
+
+
+async def test_a_reply_in_another_charset_is_kept_as_storable_text(scripted: Starter) -> None:
+    """A CP1251 refusal (not UTF-8) fails the recipient with a reply that UTF-8 can store.
+
+    Lone surrogates in the reply would make the ledger refuse to record it.
+    """
+    refusal = "550 5.1.1 Пользователь не найден".encode("cp1251")
+
+    async def script(connection: Connection, _number: int) -> None:
+        for _ in range(3):
+            await connection.command()
+        await connection.reply(b"250 ok", refusal, b"503 no recipients")
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while await connection.command():
+                await connection.reply(b"250 ok")
+
+    server = await scripted(script)
+    (result,) = await send_all(transport_for(server), envelope(1, "a@example.org"))
+    assert (result.state, result.code) == (State.FAILED, 550), result
+    assert result.reply is not None
+    assert result.reply.startswith("5.1.1 \\xcf")  # shown escaped, byte for byte
+    result.reply.encode("utf-8")  # raises UnicodeEncodeError on a lone surrogate
+
+
+async def test_closing_the_transport_mid_send_ends_that_send_at_once(scripted: Starter) -> None:
+    """close() while a message waits for its final reply cuts the session: unknown, no hang.
+
+    The final "." was written, so the message may have arrived (RFC 1047): unknown.
+    """
+    data_in = asyncio.Event()
+
+    async def script(connection: Connection, _number: int) -> None:
+        for _ in range(3):
+            await connection.command()
+        await connection.reply(b"250 ok", b"250 ok", b"354 go on")
+        await connection.message()
+        data_in.set()
+        await asyncio.sleep(30)  # never confirms
+
+    server = await scripted(script)
+    transport = transport_for(server, timeout=30)
+    await transport.open()
+    sending = asyncio.create_task(transport.send(envelope(1, "a@example.org"), attempts_allowed=1))
+    await data_in.wait()
+    await transport.close()
+    result = await asyncio.wait_for(sending, 5)  # the test's own guard against a hang
+    assert result.state is State.UNKNOWN, result

@@ -40,6 +40,8 @@ from appeal_mailer.ratelimit import RateLimiter
 # RFC 5321 4.5.2: a line of the message starting with "." gets one more ".".
 _LEADING_DOT = re.compile(rb"(?m)^\.")
 _UNSAFE_FILENAME = re.compile(r"[^A-Za-z0-9@._+-]")
+# A reply line: a code (RFC 5321 4.2.1: 2-5, then 0-5, then a digit), then " ", "-" or its end.
+_REPLY_LINE = re.compile(rb"[2-5][0-5][0-9](?:[ -]|\r?\n)")
 
 
 class Transport(Protocol):
@@ -79,8 +81,13 @@ class SMTPTransport:
         self._idle.append(await self._connect())
 
     async def close(self) -> None:
-        for session in list(self._all):
-            await session.quit()
+        idle = set(self._idle)
+        for session in self._all - idle:
+            # In the middle of a message (only if close() is called mid-send): cut,
+            # which ends that send's wait at once (unknown after its final dot).
+            session.close()
+        # QUIT on every idle session at once: one slow server costs 5 s, not 5 s each.
+        await asyncio.gather(*(session.quit() for session in idle))
         self._all.clear()
         self._idle.clear()
 
@@ -190,21 +197,30 @@ class SMTPTransport:
                 replies = await session.replies(3)
             else:
                 replies = []
-                for command in (mail, rcpt, b"DATA\r\n"):
+                for accepted, command in zip(_ACCEPTED, (mail, rcpt, b"DATA\r\n"), strict=True):
                     session.write(command)
-                    replies += await session.replies(1)
-                    if replies[-1].code not in _ACCEPTED[len(replies) - 1]:
-                        break
+                    got = await session.replies(1)
+                    replies += got
+                    if not got or got[0].code not in accepted:
+                        break  # a refusal, or a session that ended: _check_envelope says which
             await _check_envelope(session, envelope, replies)
             # RFC 5321 4.1.1.4: the data ends with CRLF.CRLF. From the moment the
             # final "." is written, a lost reply leaves delivery unknown (RFC 1047).
             data = envelope.data
             if data.startswith(b".") or b"\n." in data:  # a C search; the regex only if needed
                 data = _LEADING_DOT.sub(b"..", data)
+            if not data.endswith(b"\r\n"):  # mime.py ends every message so; smtplib does this too
+                data += b"\r\n"
             session.write(data + b".\r\n")
             after_dot = True
             reply = await session.reply()
-            if reply.code != 250:
+            # RFC 5321 4.2.1: 2yz is done, 4yz and 5yz refuse; anything else after
+            # the final dot says nothing about the message: unknown, below.
+            if not 200 <= reply.code < 300:
+                if reply.code < 400:
+                    raise aiosmtplib.SMTPException(
+                        f"unexpected reply: {reply.code} {reply.message}"
+                    )
                 raise aiosmtplib.SMTPDataError(reply.code, reply.message)
         except aiosmtplib.SMTPResponseException as exc:
             if exc.code == 421:
@@ -360,9 +376,13 @@ async def _check_envelope(
         if len(replies) == 3 and replies[2].code == 354:
             # RFC 2920 3.1: a server that takes DATA after refusing the recipient
             # gets an empty message ended at once; its reply delivers nothing.
-            session.write(b".\r\n")
             with contextlib.suppress(TimeoutError, aiosmtplib.SMTPException, OSError):
+                session.write(b".\r\n")
                 await session.reply()
+        if reply.code < 400:
+            # Neither what was asked nor a refusal (RFC 5321 4.3.2): a confused
+            # server, not a verdict on the recipient. The session is dropped.
+            raise aiosmtplib.SMTPException(f"unexpected reply: {reply.code} {reply.message}")
         if stage == 0:
             raise aiosmtplib.SMTPSenderRefused(reply.code, reply.message, envelope.sender)
         if stage == 1:
@@ -413,8 +433,14 @@ class _Session(asyncio.Protocol):
 
     @property
     def ready(self) -> bool:
-        """Connected, and with nothing unasked waiting: fit for the next message."""
-        return self._trouble is None and not self._replies and not self._transport.is_closing()
+        """Connected, and nothing unasked heard: fit for the next message."""
+        return (
+            self._trouble is None
+            and not self._replies
+            and not self._pending
+            and not self._lines
+            and not self._transport.is_closing()
+        )
 
     def trouble(self) -> aiosmtplib.SMTPException:
         """Why the session cannot go on (lost, timed out, or not speaking SMTP)."""
@@ -427,15 +453,23 @@ class _Session(asyncio.Protocol):
             raise aiosmtplib.SMTPServerDisconnected("connection lost")
         self._transport.write(data)
 
-    async def replies(self, count: int) -> list[aiosmtplib.SMTPResponse]:
-        """The next `count` replies, or those that came before the session failed."""
+    async def replies(
+        self, count: int, seconds: float | None = None
+    ) -> list[aiosmtplib.SMTPResponse]:
+        """The next `count` replies, or those that came before the session failed.
+
+        Waits `seconds` at most, [smtp] timeout by default. One caller at a time.
+        """
         # No pause_writing/resume_writing: a session has one message in flight
         # at most, and the writer waits for its reply anyway (under the timer),
         # so the transport's buffer holds one message, not a backlog.
         if len(self._replies) < count and self._trouble is None:
+            if self._waiter is not None:
+                raise RuntimeError("two waits for replies on one SMTP session")
             waiter = self._loop.create_future()
             self._waiter, self._wanted = waiter, count
-            timer = self._loop.call_later(self._timeout, self._time_out)
+            limit = self._timeout if seconds is None else seconds
+            timer = self._loop.call_later(limit, self._time_out, limit)
             try:
                 await waiter
             finally:
@@ -452,11 +486,11 @@ class _Session(asyncio.Protocol):
         return got[0]
 
     async def quit(self) -> None:
-        """QUIT politely (RFC 5321 4.1.1.10), then close; never raises."""
+        """QUIT politely (RFC 5321 4.1.1.10), 5 s at most, then close; never raises."""
         with contextlib.suppress(TimeoutError, aiosmtplib.SMTPException, OSError):
             if self.ready:
                 self.write(b"QUIT\r\n")
-                await self.replies(1)
+                await self.replies(1, seconds=min(5.0, self._timeout))
         self.close()
 
     def close(self) -> None:
@@ -466,15 +500,19 @@ class _Session(asyncio.Protocol):
     # -- asyncio.Protocol ---------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
+        if self._trouble is not None:
+            return  # a failed session hears nothing more: it is closing
+        waiter = self._waiter
+        asked = waiter is not None and not waiter.done()
         pending = self._pending
         pending += data
         start = 0
         while (end := pending.find(b"\n", start)) != -1:
             line = bytes(pending[start : end + 1])
             start = end + 1
-            # RFC 5321 4.2: "250-text" continues a reply, "250 text" (or "250") ends it.
-            code = line[:3]
-            if not code.isdigit() or line[3:4] not in (b" ", b"-", b"\r", b"\n"):
+            # RFC 5321 4.2: "250-text" continues a reply, "250 text" (or "250") ends
+            # it; the first digit is 2 to 5, the second 0 to 5 (4.2.1).
+            if _REPLY_LINE.match(line) is None:
                 # Not a refusal with a code, but a session that cannot go on.
                 self._fail(aiosmtplib.SMTPException(f"not an SMTP reply: {line[:80]!r}"))
                 return
@@ -483,15 +521,20 @@ class _Session(asyncio.Protocol):
                 self._fail(aiosmtplib.SMTPException("a reply of more than 1,000 lines"))
                 return
             if line[3:4] != b"-":
-                text = b"\n".join(self._lines).decode("utf-8", "surrogateescape")
-                self._replies.append(aiosmtplib.SMTPResponse(int(code), text))
+                # Not surrogateescape: a reply in another charset (a CP1251 "550
+                # Пользователь не найден") must still be storable text.
+                text = b"\n".join(self._lines).decode("utf-8", "backslashreplace")
+                self._replies.append(aiosmtplib.SMTPResponse(int(line[:3]), text))
                 self._lines.clear()
         del pending[:start]
         if len(pending) > self._MAX_PENDING:
             self._fail(aiosmtplib.SMTPException("a reply line longer than 64 KiB"))
-            return
-        waiter = self._waiter
-        if waiter is not None and len(self._replies) >= self._wanted and not waiter.done():
+        elif self._replies and not asked:
+            # Said while nobody asked (a 421 notice before closing, RFC 5321 3.8,
+            # or a confused server): never taken for the next command's reply.
+            reply = self._replies[-1]
+            self._fail(aiosmtplib.SMTPException(f"unasked reply: {reply.code} {reply.message}"))
+        elif waiter is not None and len(self._replies) >= self._wanted and asked:
             waiter.set_result(None)
 
     def eof_received(self) -> bool:
@@ -503,17 +546,19 @@ class _Session(asyncio.Protocol):
         lost.__cause__ = exc
         self._fail(lost)
 
-    def _time_out(self) -> None:
-        self._fail(
-            aiosmtplib.SMTPReadTimeoutError(f"no reply from the server in {self._timeout:g} s")
-        )
+    def _time_out(self, seconds: float) -> None:
+        self._fail(aiosmtplib.SMTPReadTimeoutError(f"no reply from the server in {seconds:g} s"))
 
     def _fail(self, exc: aiosmtplib.SMTPException) -> None:
+        """The session cannot go on: wake whoever waits, drop what is buffered, close."""
         if self._trouble is None:
             self._trouble = exc
+        self._pending.clear()
+        self._lines.clear()
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+        self.close()
 
 
 class DryRunTransport:
