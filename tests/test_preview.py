@@ -103,3 +103,38 @@ def test_a_preview_is_byte_for_byte_what_the_real_send_puts_on_the_wire(
         preview = previews[address].read_bytes()
         assert _DATE.search(preview) is not None
         assert _DATE.sub(b"", preview, count=1) == _DATE.sub(b"", data, count=1)
+
+
+def test_a_long_dry_run_previews_exactly_what_the_real_send_then_sends(
+    run_cli: CliRun, write_list: ListWriter, smtp_server: RecordingServer, tmp_path: Path
+) -> None:
+    """Over many claim groups and ledger pages: sent rows and suppressed addresses are skipped.
+
+    A dry run keeps hundreds of rows claimed at once (in a scratch copy of the
+    ledger, not the real one); what it previews must still be, row for row, what
+    the real send that follows sends, and index.csv lists the files in row order.
+    """
+    people = [{"email": f"m{i}@example.org", "name": f"M {i}"} for i in range(700)]
+    path = write_list(people)
+    suppressed = ["m3@example.org", "m399@example.org", "m650@example.org"]
+    assert run_cli("suppress", "add", *suppressed).exit_code == 0
+    first = run_cli("send", str(path), "--yes", "--limit", "120")
+    assert first.exit_code == 0, first.output
+    already = {m.rcpt_tos[0] for m in smtp_server.messages}
+    # m3 took one of the 120 places, and was suppressed when claimed.
+    assert len(already) == 119
+
+    out = tmp_path / "preview"
+    dry = run_cli("send", str(path), "--dry-run", "--out", str(out))
+    assert dry.exit_code == 0, dry.output
+    files = sorted(p.name for p in out.glob("*.eml"))
+    previewed = [name.split("-", 1)[1].removesuffix(".eml") for name in files]
+    index = (out / "index.csv").read_text(encoding="utf-8").splitlines()[1:]
+    assert [line.split(",")[0] for line in index] == files
+
+    rest = run_cli("send", str(path), "--yes")
+    assert rest.exit_code == 0, rest.output
+    sent_now = [m.rcpt_tos[0] for m in smtp_server.messages if m.rcpt_tos[0] not in already]
+    expected = {p["email"] for p in people} - already - set(suppressed)
+    assert sorted(previewed) == sorted(sent_now) == sorted(expected)
+    assert len(previewed) == 700 - 119 - 3

@@ -355,8 +355,15 @@ class DryRunTransport:
         # File names are joined to this as text: cheaper than a Path per message.
         self._folder = os.path.join(directory, "")
         self.description = f"dry run: messages written to {directory}/"
-        # Files need no sessions; this only lets claims be grouped into fewer commits.
-        self.connections = 16
+        # Files need no sessions: this sets how many rows a run keeps claimed at once
+        # (2 x connections), in the scratch copy of the ledger a dry run works on. At
+        # 32, a commit carried at most 32 claims and the sender waited for each one;
+        # at 512, the next claims (up to campaign.py's 64 a group) are committed while
+        # the rows claimed before are rendered and written, so sender and ledger
+        # process work at the same time: the delivery phase of 20,000 messages took
+        # 2.09 -> 1.34 s (medians of 5). More bought nothing measurable, and each
+        # place can hold a rendered message in memory.
+        self.connections = 256
         self._index: TextIO | None = None
         self._writer: Any = None
 
