@@ -12,6 +12,7 @@ import asyncio
 import collections
 import contextlib
 import csv
+import os
 import re
 import ssl
 from pathlib import Path
@@ -566,9 +567,18 @@ class DryRunTransport:
 
     def __init__(self, directory: Path) -> None:
         self._directory = directory
+        # File names are joined to this as text: cheaper than a Path per message.
+        self._folder = os.path.join(directory, "")
         self.description = f"dry run: messages written to {directory}/"
-        # Files need no sessions; this only lets claims be grouped into fewer commits.
-        self.connections = 16
+        # Files need no sessions: this sets how many rows a run keeps claimed at once
+        # (2 x connections), in the scratch copy of the ledger a dry run works on. At
+        # 32, a commit carried at most 32 claims and the sender waited for each one;
+        # at 512, the next claims (up to campaign.py's 64 a group) are committed while
+        # the rows claimed before are rendered and written, so sender and ledger
+        # process work at the same time: the delivery phase of 20,000 messages took
+        # 2.09 -> 1.34 s (medians of 5). More bought nothing measurable, and each
+        # place can hold a rendered message in memory.
+        self.connections = 256
         self._index: TextIO | None = None
         self._writer: Any = None
 
@@ -589,7 +599,7 @@ class DryRunTransport:
         # At most 100 characters of the address: a file name has 255 bytes at most.
         shown = _UNSAFE_FILENAME.sub("_", envelope.recipient)[:100]
         name = f"{envelope.row_id:06d}-{shown}.eml"
-        (self._directory / name).write_bytes(envelope.data)
+        _write_file(self._folder + name, envelope.data)
         if self._writer is not None:
             self._writer.writerow([name, envelope.recipient, envelope.message_id])
         return DeliveryResult(
@@ -604,6 +614,37 @@ class DryRunTransport:
         if self._index is not None:
             self._index.close()
             self._index = None
+
+
+# As open("wb") opens a file: a file of an earlier preview with the same name is
+# replaced whole; on Windows in binary mode (no newline translation) and not
+# inherited by child processes (O_NOINHERIT, where POSIX has O_CLOEXEC).
+_CREATE: int = (
+    os.O_WRONLY
+    | os.O_CREAT
+    | os.O_TRUNC
+    | getattr(os, "O_BINARY", 0)
+    | getattr(os, "O_CLOEXEC", getattr(os, "O_NOINHERIT", 0))
+)
+
+
+def _write_file(path: str, data: bytes) -> None:
+    """Write `data` to a new file at `path`: open, write, close, and nothing more.
+
+    Path.write_bytes goes through io.open, which adds an fstat, an ioctl (a
+    terminal check, which fails) and an lseek to each file and builds a buffered
+    writer for a single write: three system calls of six, and about 10 us of CPU
+    per file, for every message of a dry run (strace -c, py-spy).
+    """
+    fd = os.open(path, _CREATE, 0o666)
+    try:
+        written = os.write(fd, data)
+        if written < len(data):  # a short write: rare for a regular file (the disk filling)
+            view = memoryview(data)
+            while written < len(data):
+                written += os.write(fd, view[written:])
+    finally:
+        os.close(fd)
 
 
 def _tls_context(smtp: SmtpSettings) -> ssl.SSLContext:

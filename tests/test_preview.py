@@ -1,0 +1,140 @@
+"""A dry run's preview folder: an .eml per message, exactly as it would be sent; index.csv."""
+
+# The names and subjects use Cyrillic letters and typographic quotes on purpose:
+# ruff: noqa: RUF001
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from appeal_mailer.models import Envelope, State
+from appeal_mailer.transport import DryRunTransport
+from tests.conftest import CliRun, ListWriter
+from tests.smtpd import RecordingServer
+
+# Each message's Date is the moment it was built: the one header two runs cannot share.
+_DATE = re.compile(rb"^Date: [^\r\n]*\r\n", re.MULTILINE)
+
+
+def _envelope(row_id: int, recipient: str, data: bytes) -> Envelope:
+    message_id = f"<c.appeal.{row_id}@example.org>"
+    return Envelope(row_id, "appeal@example.org", recipient, message_id, data)
+
+
+async def test_each_message_is_written_byte_for_byte_under_its_row_and_address(
+    tmp_path: Path,
+) -> None:
+    """File names, file bytes and index.csv are exactly what the preview has always written.
+
+    The bytes are the message's own: CRLF kept, a bare LF not translated, a line
+    starting with "." not dot-stuffed (that is SMTP's, not the message's),
+    non-ASCII bytes as they are.
+    """
+    long_local = "a" * 64
+    envelopes = [
+        _envelope(7, "anna@example.org", b"Subject: one\r\n\r\nHi\r\n.\r\n..two\nbare LF\r\n"),
+        _envelope(12, "o'neil+list@example.net", "Subject: два\r\n\r\nПривет\r\n".encode()),
+        _envelope(123456, f"{long_local}@{'b' * 63}.example.org", b"Subject: long\r\n\r\nx\r\n"),
+    ]
+    out = tmp_path / "preview"
+    transport = DryRunTransport(out)
+    await transport.open()
+    results = [await transport.send(e, attempts_allowed=1) for e in envelopes]
+    await transport.close()
+
+    names = [
+        "000007-anna@example.org.eml",
+        "000012-o_neil+list@example.net.eml",
+        # At most 100 characters of the address, so the name fits any disk.
+        f"123456-{long_local}@{'b' * 35}.eml",
+    ]
+    assert sorted(p.name for p in out.iterdir()) == sorted([*names, "index.csv"])
+    for name, envelope in zip(names, envelopes, strict=True):
+        assert (out / name).read_bytes() == envelope.data
+    assert (out / "index.csv").read_bytes() == (
+        "file,email,message_id\r\n"
+        + "".join(
+            f"{name},{e.recipient},{e.message_id}\r\n"
+            for name, e in zip(names, envelopes, strict=True)
+        )
+    ).encode()
+    assert [(r.row_id, r.state, r.attempts, r.reply) for r in results] == [
+        (e.row_id, State.SENT, 1, f"written to {name}")
+        for name, e in zip(names, envelopes, strict=True)
+    ]
+
+
+async def test_a_file_left_by_an_earlier_preview_is_replaced_whole(tmp_path: Path) -> None:
+    """A longer file of the same name from before is truncated, not partly overwritten."""
+    out = tmp_path / "preview"
+    out.mkdir()
+    (out / "000001-anna@example.org.eml").write_bytes(b"an older, longer message" * 100)
+    transport = DryRunTransport(out)
+    await transport.open()
+    await transport.send(_envelope(1, "anna@example.org", b"new\r\n"), attempts_allowed=1)
+    await transport.close()
+    assert (out / "000001-anna@example.org.eml").read_bytes() == b"new\r\n"
+
+
+def test_a_preview_is_byte_for_byte_what_the_real_send_puts_on_the_wire(
+    run_cli: CliRun,
+    write_list: ListWriter,
+    smtp_server: RecordingServer,
+    tmp_path: Path,
+) -> None:
+    """Each .eml holds the very bytes the server then receives for that address, Date aside."""
+    people = [
+        {"email": "anna@example.org", "name": "Anna Smith", "organization": "Branch 7"},
+        {"email": "boris@example.net", "name": "Борис Иванов", "organization": "Союз"},
+        {"email": "chloe@example.org", "name": "Chloé O’Neill", "organization": ""},
+    ]
+    path = write_list(people)
+    out = tmp_path / "preview"
+    dry = run_cli("send", str(path), "--template", "protest", "--dry-run", "--out", str(out))
+    assert dry.exit_code == 0, dry.output
+    real = run_cli("send", str(path), "--template", "protest", "--yes")
+    assert real.exit_code == 0, real.output
+
+    sent = {m.rcpt_tos[0]: m.data for m in smtp_server.messages}
+    previews = {p.name.split("-", 1)[1].removesuffix(".eml"): p for p in out.glob("*.eml")}
+    assert sorted(previews) == sorted(sent) == sorted(p["email"] for p in people)
+    for address, data in sent.items():
+        preview = previews[address].read_bytes()
+        assert _DATE.search(preview) is not None
+        assert _DATE.sub(b"", preview, count=1) == _DATE.sub(b"", data, count=1)
+
+
+def test_a_long_dry_run_previews_exactly_what_the_real_send_then_sends(
+    run_cli: CliRun, write_list: ListWriter, smtp_server: RecordingServer, tmp_path: Path
+) -> None:
+    """Over many claim groups and ledger pages: sent rows and suppressed addresses are skipped.
+
+    A dry run keeps hundreds of rows claimed at once (in a scratch copy of the
+    ledger, not the real one); what it previews must still be, row for row, what
+    the real send that follows sends, and index.csv lists the files in row order.
+    """
+    people = [{"email": f"m{i}@example.org", "name": f"M {i}"} for i in range(700)]
+    path = write_list(people)
+    suppressed = ["m3@example.org", "m399@example.org", "m650@example.org"]
+    assert run_cli("suppress", "add", *suppressed).exit_code == 0
+    first = run_cli("send", str(path), "--yes", "--limit", "120")
+    assert first.exit_code == 0, first.output
+    already = {m.rcpt_tos[0] for m in smtp_server.messages}
+    # m3 took one of the 120 places, and was suppressed when claimed.
+    assert len(already) == 119
+
+    out = tmp_path / "preview"
+    dry = run_cli("send", str(path), "--dry-run", "--out", str(out))
+    assert dry.exit_code == 0, dry.output
+    files = sorted(p.name for p in out.glob("*.eml"))
+    previewed = [name.split("-", 1)[1].removesuffix(".eml") for name in files]
+    index = (out / "index.csv").read_text(encoding="utf-8").splitlines()[1:]
+    assert [line.split(",")[0] for line in index] == files
+
+    rest = run_cli("send", str(path), "--yes")
+    assert rest.exit_code == 0, rest.output
+    sent_now = [m.rcpt_tos[0] for m in smtp_server.messages if m.rcpt_tos[0] not in already]
+    expected = {p["email"] for p in people} - already - set(suppressed)
+    assert sorted(previewed) == sorted(sent_now) == sorted(expected)
+    assert len(previewed) == 700 - 119 - 3
