@@ -5,9 +5,14 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import re
 from pathlib import Path
 
+import pytest
+
+import appeal_mailer.transport as transport_module
 from appeal_mailer.models import Envelope, State
 from appeal_mailer.transport import DryRunTransport
 from tests.conftest import CliRun, ListWriter
@@ -138,3 +143,35 @@ def test_a_long_dry_run_previews_exactly_what_the_real_send_then_sends(
     expected = {p["email"] for p in people} - already - set(suppressed)
     assert sorted(previewed) == sorted(sent_now) == sorted(expected)
     assert len(previewed) == 700 - 119 - 3
+
+
+def test_a_disk_that_fills_mid_preview_stops_the_run_with_a_clear_message(
+    run_cli: CliRun,
+    write_list: ListWriter,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """ENOSPC while writing the 4th file: the run stops, naming the folder; no traceback.
+
+    Not an "internal error" and not a message recorded unknown: the files already
+    written stay, the summary says what happened, and the exit status says trouble.
+    The full disk is simulated at the one call that writes a preview file.
+    """
+    real_write = transport_module._write_file
+    written: list[str] = []
+
+    def fill_up(path: str, data: bytes) -> None:
+        if len(written) == 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        real_write(path, data)
+        written.append(path)
+
+    monkeypatch.setattr(transport_module, "_write_file", fill_up)
+    people = [{"email": f"m{i}@example.org", "name": f"M {i}"} for i in range(10)]
+    out = tmp_path / "preview"
+    result = run_cli("send", str(write_list(people)), "--dry-run", "--out", str(out))
+    assert result.exit_code == 3, result.output
+    assert f"{out}: cannot write the preview: No space left on device" in result.output
+    assert "hint: free some space, or pass a writable folder with --out" in result.output
+    assert "internal error" not in result.output
+    assert len(list(out.glob("*.eml"))) == 3

@@ -24,7 +24,7 @@ from typing import IO, Any, ParamSpec, Protocol, TypeVar
 from appeal_mailer import timezones
 from appeal_mailer.bounces import mailbox_gone
 from appeal_mailer.config import Settings
-from appeal_mailer.errors import AppealMailerError, LedgerError, ServerError
+from appeal_mailer.errors import AppealMailerError, LedgerError, PreviewError, ServerError
 from appeal_mailer.ledger import HEARTBEAT, DueScope, Ledger, timestamp
 from appeal_mailer.ledger_process import LedgerCall, LedgerProcess, LocalLedger
 from appeal_mailer.lists import read_recipients
@@ -821,7 +821,7 @@ class CampaignRun:
         )
         try:
             result = await self.transport.send(job.envelope, attempts_allowed=allowed)
-        except ServerError as exc:
+        except (ServerError, PreviewError) as exc:  # nothing more can go through it
             self.stop(str(exc), exc)
             result = self._not_sent(job, str(exc))
         except Exception as exc:  # a bug must not leave the row in limbo

@@ -209,8 +209,11 @@ def send(  # noqa: PLR0917  # click passes each option as an argument
     quiet_and_fine = obj.verbosity < 0 and not result.trouble
     # -q: a clean run prints nothing, so cron mails only about trouble.
     if dry_run and out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "summary.txt").write_text(text + "\n", encoding="utf-8")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "summary.txt").write_text(text + "\n", encoding="utf-8")
+        except OSError as exc:  # the summary is still printed: only its copy is missing
+            click.echo(f"warning: {out}/summary.txt not written: {exc.strerror or exc}", err=True)
         text += f"\nPreview: {out}/ (one .eml per message, index.csv, summary.txt)"
     if not quiet_and_fine:
         click.echo(text)

@@ -8,6 +8,7 @@
     +-- ServerError(host, port, code, reply)
     |                                 the SMTP server cannot be used at all:
     |                                 unreachable, no TLS, AUTH refused
+    +-- PreviewError(folder)          a dry run's folder cannot be written
     +-- DeliveryError(recipient, code, reply)
         +-- TransientDeliveryError    4xx, dropped connection, timeout: retry later
         +-- PermanentDeliveryError    5xx: never retried for this recipient
@@ -143,6 +144,17 @@ class ServerError(AppealMailerError):
         self.reply = reply
         said = f" (server said: {code} {reply})" if code is not None else ""
         super().__init__(f"{host}:{port}: {message}{said}", hint=hint)
+
+
+class PreviewError(AppealMailerError):
+    """A dry run's folder cannot be written (full, gone): nothing more can be shown."""
+
+    def __init__(self, folder: Path, exc: OSError) -> None:
+        self.folder = str(folder)
+        super().__init__(
+            f"{folder}: cannot write the preview: {exc.strerror or exc}",
+            hint="free some space, or pass a writable folder with --out",
+        )
 
 
 class DeliveryError(AppealMailerError):

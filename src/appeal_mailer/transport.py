@@ -29,9 +29,9 @@ from tenacity import (
 
 from appeal_mailer.config import SendingSettings, SmtpSettings
 from appeal_mailer.errors import (
-    AppealMailerError,
     DeliveryError,
     PermanentDeliveryError,
+    PreviewError,
     ServerError,
     TransientDeliveryError,
 )
@@ -588,10 +588,7 @@ class DryRunTransport:
             # Written as the run goes, so memory does not grow with the list.
             self._index = (self._directory / "index.csv").open("w", newline="", encoding="utf-8")
         except OSError as exc:
-            raise AppealMailerError(
-                f"{self._directory}: cannot write the preview: {exc.strerror}",
-                hint="pass a writable folder with --out",
-            ) from exc
+            raise PreviewError(self._directory, exc) from exc
         self._writer = csv.writer(self._index)
         self._writer.writerow(["file", "email", "message_id"])
 
@@ -599,9 +596,12 @@ class DryRunTransport:
         # At most 100 characters of the address: a file name has 255 bytes at most.
         shown = _UNSAFE_FILENAME.sub("_", envelope.recipient)[:100]
         name = f"{envelope.row_id:06d}-{shown}.eml"
-        _write_file(self._folder + name, envelope.data)
-        if self._writer is not None:
-            self._writer.writerow([name, envelope.recipient, envelope.message_id])
+        try:
+            _write_file(self._folder + name, envelope.data)
+            if self._writer is not None:
+                self._writer.writerow([name, envelope.recipient, envelope.message_id])
+        except OSError as exc:  # the disk full, the folder removed: the run stops here
+            raise PreviewError(self._directory, exc) from exc
         return DeliveryResult(
             row_id=envelope.row_id,
             recipient=envelope.recipient,
