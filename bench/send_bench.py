@@ -559,6 +559,29 @@ MAILMERGE_COPIED_HEADERS = (
 )
 
 
+def _subject(raw: bytes) -> bytes:
+    """The raw Subject header of a message, folded lines and all."""
+    match = re.search(rb"^Subject:.*?\r\n(?! )", raw, re.MULTILINE | re.DOTALL)
+    return match.group() if match else b""
+
+
+def _same_language_samples(files: Sequence[Path]) -> list[bytes]:
+    """The first message and the last one in the same language (the same Subject).
+
+    The list's Russian and Kazakh readers get the Russian appeal (templates/ru/,
+    and `fallback_languages = { kk = "ru" }`); mailmerge has no languages, so
+    it is given the first message's text (the default language's) for everyone,
+    and the check in mailmerge_inputs compares two messages in that language.
+    """
+    first = files[0].read_bytes()
+    subject = _subject(first)
+    for path in reversed(files[1:]):
+        last = path.read_bytes()
+        if _subject(last) == subject:
+            return [first, last]
+    return [first]
+
+
 def mailmerge_inputs(messages: Sequence[bytes], template: Path, config: Path, port: int) -> None:
     """Write mailmerge's template and server config from appeal-mailer's own messages.
 
@@ -723,7 +746,7 @@ class Bench:
         if row.check == "ok" and len(files) != self.args.recipients:
             row.fail(f"{len(files)} .eml files, expected {self.args.recipients}")
         if files:
-            self.samples[template] = [files[0].read_bytes(), files[-1].read_bytes()]
+            self.samples[template] = _same_language_samples(files)
         if not self.args.keep:
             shutil.rmtree(out, ignore_errors=True)
         return row, int(_mean(sizes)) or 5000
