@@ -36,6 +36,7 @@ from PyPI by itself (or pass --skip-mailmerge). See bench/README.md.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import csv
 import datetime as dt
@@ -566,20 +567,22 @@ def _subject(raw: bytes) -> bytes:
 
 
 def _same_language_samples(files: Sequence[Path]) -> list[bytes]:
-    """The first message and the last one in the same language (the same Subject).
+    """The first and the last message in the list's most common language (Subject).
 
     The list's Russian and Kazakh readers get the Russian appeal (templates/ru/,
-    and `fallback_languages = { kk = "ru" }`); mailmerge has no languages, so
-    it is given the first message's text (the default language's) for everyone,
-    and the check in mailmerge_inputs compares two messages in that language.
+    and `fallback_languages = { kk = "ru" }`), everyone else the default one;
+    mailmerge has no languages, so it is given the text most readers get, for
+    everyone, and the check in mailmerge_inputs compares two messages of it.
+    Which row comes first depends on --seed, so the language is not taken from
+    the first row.
     """
-    first = files[0].read_bytes()
-    subject = _subject(first)
-    for path in reversed(files[1:]):
-        last = path.read_bytes()
-        if _subject(last) == subject:
-            return [first, last]
-    return [first]
+    subjects = []
+    for path in files:
+        with path.open("rb") as handle:
+            subjects.append(_subject(handle.read(8192)))
+    common = collections.Counter(subjects).most_common(1)[0][0]
+    chosen = [path for path, subject in zip(files, subjects, strict=True) if subject == common]
+    return [chosen[0].read_bytes(), chosen[-1].read_bytes()][: len(chosen)]
 
 
 def mailmerge_inputs(messages: Sequence[bytes], template: Path, config: Path, port: int) -> None:

@@ -358,20 +358,28 @@ async def test_without_pipelining_a_session_lost_at_mail_defers_the_message(
 async def test_an_unexpected_reply_before_the_data_defers_and_never_fails_the_recipient(
     scripted: Starter, replies: tuple[bytes, ...], expected: State
 ) -> None:
-    """A 2yz or 3yz where a refusal could be, or a code SMTP has not, defers (RFC 5321 4.2.1)."""
+    """A 2yz or 3yz where a refusal could be, or a code SMTP has not, defers (RFC 5321 4.2.1).
+
+    And no "." goes after such a 354: the recipient may stand, so a dot could
+    deliver an empty message; the session is dropped with the data unended.
+    """
+    after_354: list[bytes] = []
+    heard_all = asyncio.Event()
 
     async def script(connection: Connection, _number: int) -> None:
         for _ in range(3):
             await connection.command()
         await connection.reply(*replies)
-        with contextlib.suppress(asyncio.IncompleteReadError):
-            await connection.reader.readuntil(b".\r\n")  # the lone dot after a 354, if any
-            await connection.reply(b"554 no valid recipients")
-        await asyncio.sleep(5)
+        after_354.append(await connection.reader.read())  # until the client closes
+        heard_all.set()
 
     server = await scripted(script)
     (result,) = await send_all(transport_for(server, timeout=0.5), envelope(1, "a@example.org"))
+    await asyncio.wait_for(heard_all.wait(), 5)
     assert result.state is expected, result
+    assert result.reply is not None
+    assert result.reply.startswith(("unexpected reply", "not an SMTP reply")), result.reply
+    assert after_354 == [b""]  # not even a "."
 
 
 @pytest.mark.parametrize(
@@ -449,3 +457,36 @@ async def test_closing_the_transport_mid_send_ends_that_send_at_once(scripted: S
     await transport.close()
     result = await asyncio.wait_for(sending, 5)  # the test's own guard against a hang
     assert result.state is State.UNKNOWN, result
+
+
+async def test_more_replies_than_asked_in_one_packet_drop_the_session(scripted: Starter) -> None:
+    """Without PIPELINING, MAIL answered by "250" and a stray "550" at once: the 550 is not RCPT's.
+
+    The surplus reply retires the session; the message is deferred and goes
+    on a new session, and the recipient is neither failed nor suppressed.
+    """
+
+    async def script(connection: Connection, number: int) -> None:
+        if number == 1:
+            await connection.command()  # MAIL
+            await connection.reply(b"250 ok", b"550 5.1.1 no such user")
+            await asyncio.sleep(5)
+            return
+        for _ in range(3):
+            command = await connection.command()
+            await connection.reply(b"354 go on" if command.startswith(b"DATA") else b"250 ok")
+        await connection.message()
+        await connection.reply(b"250 queued")
+
+    server = await scripted(script, pipelining=False)
+    transport = transport_for(server)
+    await transport.open()
+    try:
+        first = await transport.send(envelope(1, "a@example.org"), attempts_allowed=1)
+        second = await transport.send(envelope(1, "a@example.org"), attempts_allowed=1)
+    finally:
+        await transport.close()
+    assert first.state is State.DEFERRED, first
+    assert first.reply is not None
+    assert "unasked reply: 550" in first.reply
+    assert second.state is State.SENT, second

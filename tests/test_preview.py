@@ -8,11 +8,14 @@ from __future__ import annotations
 import errno
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 import appeal_mailer.transport as transport_module
+from appeal_mailer.errors import PreviewError
 from appeal_mailer.models import Envelope, State
 from appeal_mailer.transport import DryRunTransport
 from tests.conftest import CliRun, ListWriter
@@ -175,3 +178,70 @@ def test_a_disk_that_fills_mid_preview_stops_the_run_with_a_clear_message(
     assert "hint: free some space, or pass a writable folder with --out" in result.output
     assert "internal error" not in result.output
     assert len(list(out.glob("*.eml"))) == 3
+    assert len((out / "index.csv").read_text(encoding="utf-8").splitlines()) == 1 + 3
+
+
+def test_a_file_size_limit_leaves_no_half_message_and_no_silent_index(tmp_path: Path) -> None:
+    """A real short write (RLIMIT_FSIZE, in a child process): no partial .eml stays behind.
+
+    The message that did not fit raises PreviewError and its file is removed;
+    index.csv's last rows, which no longer fit either, make close() raise
+    PreviewError too instead of leaving a cut index unsaid.
+    """
+    code = r"""
+import asyncio, resource, signal, sys
+from pathlib import Path
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # then a write past the limit fails: EFBIG
+from appeal_mailer.errors import PreviewError
+from appeal_mailer.models import Envelope
+from appeal_mailer.transport import DryRunTransport
+
+async def main() -> None:
+    transport = DryRunTransport(Path(sys.argv[1]))
+    await transport.open()
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+    for i in range(1, 40):  # small ones fit; index.csv stays in its buffer
+        message = Envelope(i, "s@x.org", f"r{i}@x.org", f"<{i}@x>", b"x" * 100)
+        await transport.send(message, attempts_allowed=1)
+    try:
+        big = Envelope(1000, "s@x.org", "big@x.org", "<b@x>", b"y" * 10000)
+        await transport.send(big, attempts_allowed=1)
+    except PreviewError as exc:
+        print("send:", exc)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))  # the index no longer fits
+    try:
+        await transport.close()
+    except PreviewError as exc:
+        print("close:", exc)
+
+asyncio.run(main())
+"""
+    out = tmp_path / "preview"
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(out)], capture_output=True, text=True, check=True
+    )
+    lines = done.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["send", "close"], done.stdout
+    assert "cannot write the preview: File too large" in lines[0]
+    assert not (out / "001000-big@x.org.eml").exists()
+    assert len(list(out.glob("*.eml"))) == 39
+    assert all(path.stat().st_size == 100 for path in out.glob("*.eml"))
+
+
+def test_an_index_that_cannot_be_finished_stops_the_run_with_trouble(
+    run_cli: CliRun,
+    write_list: ListWriter,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """index.csv's last rows failing at the end (disk full): exit 3 and the folder named."""
+
+    async def failing_close(self: DryRunTransport) -> None:
+        raise PreviewError(tmp_path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+
+    monkeypatch.setattr(DryRunTransport, "close", failing_close)
+    people = [{"email": f"m{i}@example.org", "name": f"M {i}"} for i in range(5)]
+    out = tmp_path / "preview"
+    result = run_cli("send", str(write_list(people)), "--dry-run", "--out", str(out))
+    assert result.exit_code == 3, result.output
+    assert f"{tmp_path}: cannot write the preview: No space left on device" in result.output

@@ -761,8 +761,13 @@ class CampaignRun:
             with contextlib.suppress(Exception):
                 await recorder
             # Closing is QUIT on each session: its failure cannot change any result.
-            with contextlib.suppress(Exception):
+            # A preview's is its last index rows: that the run must say.
+            try:
                 await self.transport.close()
+            except PreviewError as exc:
+                self.stop(str(exc), exc)
+            except Exception:  # noqa: S110  # QUIT failing says nothing about a message
+                pass
             if unsent:
                 await self._db(Ledger.release, unsent, run_id)
                 report.released += len(unsent)

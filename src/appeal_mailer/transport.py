@@ -12,6 +12,7 @@ import asyncio
 import collections
 import contextlib
 import csv
+import errno
 import os
 import re
 import ssl
@@ -245,8 +246,11 @@ class SMTPTransport:
                     reply=detail,
                     after_data=True,
                 ) from exc
+            lost = isinstance(exc, (TimeoutError, OSError, aiosmtplib.SMTPServerDisconnected))
             raise TransientDeliveryError(
-                f"connection lost: {detail}", recipient=envelope.recipient, reply=detail
+                f"{'connection lost' if lost else 'session dropped'}: {detail}",
+                recipient=envelope.recipient,
+                reply=detail,
             ) from exc
         self._idle.append(session)
         return reply
@@ -374,9 +378,12 @@ async def _check_envelope(
     for stage, reply in enumerate(replies):
         if reply.code in _ACCEPTED[stage]:
             continue
-        if len(replies) == 3 and replies[2].code == 354:
+        if len(replies) == 3 and replies[2].code == 354 and reply.code >= 400:
             # RFC 2920 3.1: a server that takes DATA after refusing the recipient
             # gets an empty message ended at once; its reply delivers nothing.
+            # Not after an odd 2yz or 3yz: the recipient may stand, and the "."
+            # would deliver an empty message; the session is dropped instead,
+            # which leaves the data unended, so nothing is delivered (4.1.1.4).
             with contextlib.suppress(TimeoutError, aiosmtplib.SMTPException, OSError):
                 session.write(b".\r\n")
                 await session.reply()
@@ -530,9 +537,10 @@ class _Session(asyncio.Protocol):
         del pending[:start]
         if len(pending) > self._MAX_PENDING:
             self._fail(aiosmtplib.SMTPException("a reply line longer than 64 KiB"))
-        elif self._replies and not asked:
-            # Said while nobody asked (a 421 notice before closing, RFC 5321 3.8,
-            # or a confused server): never taken for the next command's reply.
+        elif len(self._replies) > (self._wanted if asked else 0):
+            # Said while nobody asked, or more than was asked (a 421 notice before
+            # closing, RFC 5321 3.8, or a confused server): never taken for the
+            # next command's reply. What was asked for is still handed over.
             reply = self._replies[-1]
             self._fail(aiosmtplib.SMTPException(f"unasked reply: {reply.code} {reply.message}"))
         elif waiter is not None and len(self._replies) >= self._wanted and asked:
@@ -612,8 +620,11 @@ class DryRunTransport:
 
     async def close(self) -> None:
         if self._index is not None:
-            self._index.close()
-            self._index = None
+            index, self._index = self._index, None
+            try:
+                index.close()  # its last rows are written now: this can fail too
+            except OSError as exc:
+                raise PreviewError(self._directory, exc) from exc
 
 
 # As open("wb") opens a file: a file of an earlier preview with the same name is
@@ -642,9 +653,17 @@ def _write_file(path: str, data: bytes) -> None:
         if written < len(data):  # a short write: rare for a regular file (the disk filling)
             view = memoryview(data)
             while written < len(data):
-                written += os.write(fd, view[written:])
-    finally:
+                more = os.write(fd, view[written:])
+                if more == 0:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+                written += more
+    except BaseException:
+        # No half a message left to be taken for the whole one.
         os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+    os.close(fd)
 
 
 def _tls_context(smtp: SmtpSettings) -> ssl.SSLContext:
