@@ -24,8 +24,9 @@ from typing import IO, Any, ParamSpec, Protocol, TypeVar
 from appeal_mailer import timezones
 from appeal_mailer.bounces import mailbox_gone
 from appeal_mailer.config import Settings
+from appeal_mailer.dkim import Signer, Unsigned
 from appeal_mailer.errors import AppealMailerError, LedgerError, PreviewError, ServerError
-from appeal_mailer.ledger import HEARTBEAT, DueScope, Ledger, timestamp
+from appeal_mailer.ledger import HEARTBEAT, DueRow, DueScope, Ledger, timestamp
 from appeal_mailer.ledger_process import LedgerCall, LedgerProcess, LocalLedger
 from appeal_mailer.lists import read_recipients
 from appeal_mailer.mime import MessageBuilder
@@ -40,6 +41,7 @@ from appeal_mailer.models import (
 from appeal_mailer.ratelimit import RateLimiter
 from appeal_mailer.reminders import Expired, RemindStep
 from appeal_mailer.render import Languages
+from appeal_mailer.signing import SigningProcess
 from appeal_mailer.transport import Transport
 
 T = TypeVar("T")
@@ -52,6 +54,9 @@ _UNREACHABLE_STREAK = 10
 _CLAIM_BATCH = 64
 # Rows of the list per ledger commit while loading it.
 _LOAD_BATCH = 500
+# DKIM: messages of a lane waiting for their signatures, so that the child always
+# has the next ones to sign (each holds its wire bytes: 64 x 6 KB).
+_SIGNING_AHEAD = 64
 # How a message held back for its send window is noted in the ledger.
 HELD = "outside the send window: held"
 
@@ -318,6 +323,9 @@ class CampaignRun:
             if unsubscribe_key
             else None,
         )
+        # [dkim]: every message is signed as it becomes wire bytes, previews too, so
+        # that a dry run shows what is sent; a bad key stops here (ConfigError).
+        self.signer = Signer.from_settings(settings.dkim, settings.source)
         sender_name, sender_address = campaign.sender
         list_name, list_id = campaign.list_id_parts
         # The template in each language it has a version in (templates/ru/...).
@@ -416,6 +424,10 @@ class CampaignRun:
         return read_recipients(Path(self.source))
 
     def wire_bytes(self, recipient: Recipient) -> bytes:
+        data = self._unsigned_bytes(recipient)
+        return data if self.signer is None else self.signer.sign(data)
+
+    def _unsigned_bytes(self, recipient: Recipient) -> bytes:
         message = self._render(recipient)
         return self.builder.build(
             message,
@@ -557,6 +569,8 @@ class CampaignRun:
         unsent: list[int] = []
         produced = 0
         lanes = self._lanes()
+        # [dkim]: RSA signatures made on the second core (signing.py), else in line.
+        signing: SigningProcess | None = None
 
         async def produce(domain: str | None, exclude: tuple[str, ...]) -> None:
             nonlocal produced
@@ -580,6 +594,8 @@ class CampaignRun:
                 )
                 if not page:
                     break
+                signed: collections.deque[tuple[DueRow, Unsigned, asyncio.Future[bytes]]]
+                signed = collections.deque()
                 for due in page:
                     if produced >= todo or self._stop.is_set():
                         break
@@ -588,16 +604,23 @@ class CampaignRun:
                     produced += 1
                     if domain is not None and self.pace is not None:
                         await self.pace.acquire_domain(domain)
-                    envelope = Envelope(
-                        due.row_id,
-                        self._sender_address,
-                        due.recipient.email,
-                        due.message_id,
-                        self.wire_bytes(due.recipient),
-                    )
-                    timezone = due.recipient.timezone or self.settings.campaign.timezone
-                    await feed.put(_Job(envelope, due.attempts, timezone))
+                    if self.signer is None or signing is None:
+                        await feed.put(self._job(due, self.wire_bytes(due.recipient)))
+                        continue
+                    # The child signs while this process renders the next messages;
+                    # jobs still go on in the ledger's order.
+                    unsigned = self.signer.prepare(self._unsigned_bytes(due.recipient))
+                    signed.append((due, unsigned, signing.rsa(unsigned.signed)))
+                    if len(signed) >= _SIGNING_AHEAD:
+                        await put_signed(*signed.popleft())
+                while signed:
+                    await put_signed(*signed.popleft())
                 after = page[-1].row_id
+
+        async def put_signed(
+            due: DueRow, unsigned: Unsigned, signature: asyncio.Future[bytes]
+        ) -> None:
+            await feed.put(self._job(due, unsigned.finish(await signature)))
 
         # Rows are claimed only as workers can take them: a crash turns every
         # `sending` row into `unknown`, never re-sent, so claiming ahead of the pace
@@ -751,6 +774,8 @@ class CampaignRun:
 
         recorder.add_done_callback(recorder_ended)
         try:
+            if self.signer is not None:
+                signing = await SigningProcess.start(self.signer)
             workers = [deliver() for _ in range(connections)]
             producers = [produce(domain, exclude) for domain, exclude in lanes]
             await asyncio.gather(*producers, claim(), *workers)
@@ -768,11 +793,22 @@ class CampaignRun:
                 self.stop(str(exc), exc)
             except Exception:  # noqa: S110  # QUIT failing says nothing about a message
                 pass
+            # Signatures not taken (the run stopped) are dropped; their rows stay due.
+            if signing is not None:
+                await signing.close()
             if unsent:
                 await self._db(Ledger.release, unsent, run_id)
                 report.released += len(unsent)
             if progress is not None:
                 progress.finish()
+
+    def _job(self, due: DueRow, data: bytes) -> _Job:
+        envelope = Envelope(
+            due.row_id, self._sender_address, due.recipient.email, due.message_id, data
+        )
+        return _Job(
+            envelope, due.attempts, due.recipient.timezone or self.settings.campaign.timezone
+        )
 
     def _lanes(self) -> list[tuple[str | None, tuple[str, ...]]]:
         """One lane per rate-limited domain and one for all others, never overlapping.

@@ -423,6 +423,7 @@ def check(obj: _Context, list_path: Path | None, campaign: str | None, no_smtp: 
 
     settings = obj.settings(campaign)
     click.echo(f"config {settings.source}: ok (campaign {settings.campaign.id})")
+    _check_dkim(settings)
     templates = sorted(
         path.name.removesuffix(TEXT_SUFFIX)
         for path in settings.campaign.templates.glob("*" + TEXT_SUFFIX)
@@ -464,6 +465,30 @@ def check(obj: _Context, list_path: Path | None, campaign: str | None, no_smtp: 
     for line in _run(transport.handshake()):
         click.echo(f"smtp: {line}")
     click.echo("all checks passed; nothing was sent")
+
+
+def _check_dkim(settings: Settings) -> None:
+    """Load the DKIM key, and say what to publish in the DNS and whether DMARC will align."""
+    from appeal_mailer.dkim import Signer  # noqa: PLC0415  # keep --help fast
+
+    signer = Signer.from_settings(settings.dkim, settings.source)
+    if signer is None:
+        click.echo("dkim: off (no [dkim] domain): the SMTP server must sign, if anyone does")
+        return
+    click.echo(
+        f"dkim: signing as d={signer.domain} s={signer.selector}, RSA key of {signer.bits} bits"
+    )
+    name, record = signer.dns_record()
+    # Quoted in pieces of at most 255 characters: one TXT string's limit (RFC 1035 3.3.14).
+    pieces = " ".join(f'"{record[i : i + 255]}"' for i in range(0, len(record), 255))
+    click.echo(f"dkim: the DNS must publish: {name}. IN TXT {pieces}")
+    from_domain = settings.campaign.sender[1].rpartition("@")[2].lower()
+    if from_domain != signer.domain and not from_domain.endswith("." + signer.domain):
+        # RFC 7489 3.1.1: relaxed alignment wants d= to be From's domain or a parent of it.
+        click.echo(
+            f"dkim: warning: d={signer.domain} is not From's domain ({from_domain}) nor a "
+            "parent of it, so DMARC will not count this signature as the sender's"
+        )
 
 
 @main.command()

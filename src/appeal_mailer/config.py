@@ -287,6 +287,51 @@ class LedgerSettings(_Section):
         return value
 
 
+# RFC 6376 3.1: a selector is one or more DNS labels; so is a domain (RFC 1035 2.3.1).
+_DNS_NAME = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))*$")
+
+
+class DkimSettings(_Section):
+    """`[dkim]`: sign every message (RFC 6376); off while `domain` is unset."""
+
+    # d=: the From address's domain, or a parent of it, for DMARC alignment.
+    domain: str | None = None
+    # s=: the key is published in the DNS at SELECTOR._domainkey.DOMAIN.
+    selector: str | None = None
+    # The RSA private key in PEM: a file, or the key itself (a secret: from the
+    # environment or the secrets directory, never the config file).
+    private_key_file: Path | None = None
+    private_key: SecretStr | None = None
+
+    @field_validator("domain", "selector")
+    @classmethod
+    def _check_name(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        name = value.strip().rstrip(".").lower()
+        if not _DNS_NAME.match(name):
+            raise ValueError(
+                f"{value!r} is not a DNS name of ASCII letters, digits and hyphens "
+                "(write an international domain in its xn-- form)"
+            )
+        return name
+
+    @model_validator(mode="after")
+    def _check_dkim(self) -> DkimSettings:
+        if self.domain is None and self.selector is None:
+            if self.private_key_file is not None or self.private_key is not None:
+                raise ValueError("a DKIM key without domain and selector: set both, or neither")
+            return self
+        if self.domain is None or self.selector is None:
+            raise ValueError("set both domain and selector, or neither (no DKIM signing)")
+        if (self.private_key_file is None) == (self.private_key is None):
+            raise ValueError(
+                "set private_key_file, or the key itself in APPEAL_MAILER_DKIM__PRIVATE_KEY "
+                "(one of the two)"
+            )
+        return self
+
+
 class Settings(BaseSettings):
     """Every setting appeal-mailer reads; `config.example.toml` documents each key."""
 
@@ -304,6 +349,7 @@ class Settings(BaseSettings):
     campaign: CampaignSettings
     ledger: LedgerSettings = LedgerSettings()
     reminders: tuple[ReminderSettings, ...] = ()
+    dkim: DkimSettings = DkimSettings()
     # The file these settings came from; relative paths were resolved against it.
     source: Path = Path("config.toml")
 
@@ -403,7 +449,11 @@ def load_settings(path: Path) -> Settings:
     return _resolve_paths(settings, path.parent)
 
 
-_SECRET_KEYS = {"smtp": ("password",), "campaign": ("unsubscribe_key",)}
+_SECRET_KEYS = {
+    "smtp": ("password",),
+    "campaign": ("unsubscribe_key",),
+    "dkim": ("private_key",),
+}
 
 
 def _resolve_paths(settings: Settings, base: Path) -> Settings:
@@ -417,13 +467,18 @@ def _resolve_paths(settings: Settings, base: Path) -> Settings:
         update={"templates": resolve(settings.campaign.templates)}
     )
     ledger = settings.ledger.model_copy(update={"path": resolve(settings.ledger.path)})
-    return settings.model_copy(update={"smtp": smtp, "campaign": campaign, "ledger": ledger})
+    dkim = settings.dkim
+    if dkim.private_key_file is not None:
+        dkim = dkim.model_copy(update={"private_key_file": resolve(dkim.private_key_file)})
+    return settings.model_copy(
+        update={"smtp": smtp, "campaign": campaign, "ledger": ledger, "dkim": dkim}
+    )
 
 
 def _config_error(exc: ValidationError, path: Path) -> ConfigError:
     first = exc.errors()[0]
     loc = [str(part) for part in first["loc"]]
-    if loc and loc[0] in {"smtp", "sending", "campaign", "ledger"}:
+    if loc and loc[0] in {"smtp", "sending", "campaign", "ledger", "dkim"}:
         key = f"[{loc[0]}] " + ".".join(loc[1:]) if len(loc) > 1 else f"[{loc[0]}]"
     elif len(loc) > 1 and loc[0] == "reminders" and loc[1].isdigit():
         # The n-th [[reminders]] entry of the file, counted from 1 as people count.

@@ -1,0 +1,177 @@
+"""DKIM's RSA signatures on the second core: a child process signs what the run sends it.
+
+Why a process: an RSA-2048 signature costs 0.3 ms of CPU, more than the rest of
+a message's work in the sending process, so signing on the event loop's
+thread halves a send. OpenSSL releases the GIL while it signs, but threads did
+worse still: measured on the 2-core benchmark machine, 20,000 signed messages
+took 13.0 s signed in line, 14.5 s with two signing threads and 15.9 s with
+one; each finished signature waited for the GIL held by the busy event loop.
+A forked child has its own interpreter and reads nothing but what it is sent.
+
+The run sends the bytes to sign (`Unsigned.signed`) and gets the signatures
+back in the same order; what asks in one turn of the event loop goes in one
+message. Nothing here is durable: a child that dies fails the signatures not
+yet made, the run stops, and their rows stay due. The child ignores SIGINT and
+SIGTERM (the run, which handles them, still needs the signatures of what it
+finishes) and ends when the run closes the socket or dies.
+
+Where the OS cannot fork, `start` returns None and the run signs in line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import multiprocessing
+import pickle
+import signal
+import socket
+from typing import Any, cast
+
+from appeal_mailer.dkim import Signer
+from appeal_mailer.errors import AppealMailerError
+
+# The ledger's process frames its socket the same way: each message its
+# length, then a pickle, here of a list of bytes (our own two processes write
+# and read these, nothing else can reach the pair).
+from appeal_mailer.ledger_process import _HEADER, _PROTOCOL, _read_exactly
+
+# At most this many signatures asked in one message (5 ms of the child's work).
+_BATCH = 16
+
+
+class SigningProcess:
+    """A child process with the campaign's key: `rsa(signed)` resolves to the signature."""
+
+    def __init__(self, process: Any, link: _Link) -> None:
+        self._process = process
+        self._link = link
+
+    @classmethod
+    async def start(cls, signer: Signer) -> SigningProcess | None:
+        """Fork the child (it has the key already), or None where the OS cannot fork."""
+        if "fork" not in multiprocessing.get_all_start_methods():
+            return None
+        ours, theirs = socket.socketpair()
+        process = multiprocessing.get_context("fork").Process(
+            target=_serve, args=(theirs, ours, signer), name="appeal-mailer-dkim"
+        )
+        process.daemon = True  # never outlives the run, even one that exits by accident
+        process.start()
+        theirs.close()  # the child's end: once the child is gone, reads see EOF
+        try:
+            _, link = await asyncio.get_running_loop().create_unix_connection(_Link, sock=ours)
+        except BaseException:
+            ours.close()
+            process.join()
+            raise
+        return cls(process, link)
+
+    def rsa(self, signed: bytes) -> asyncio.Future[bytes]:
+        """The signature of `signed`, as `Signer.rsa` makes it, made by the child."""
+        return self._link.ask(signed)
+
+    async def close(self) -> None:
+        """Let the child go: it ends when it sees the socket closed."""
+        await self._link.close()
+        # It finishes the batch it is in (at most a few milliseconds) and exits.
+        await asyncio.get_running_loop().run_in_executor(None, self._process.join)
+
+
+class _Link(asyncio.Protocol):
+    """The run's end of the socket: what is asked in one turn goes in one message."""
+
+    def __init__(self) -> None:
+        self._transport: asyncio.Transport | None = None
+        self._asked: list[tuple[bytes, asyncio.Future[bytes]]] = []
+        self._waiting: collections.deque[list[asyncio.Future[bytes]]] = collections.deque()
+        self._buffer = bytearray()
+        self._failed: AppealMailerError | None = None
+        self._closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # A stream socket's transport; uvloop's do not subclass asyncio.Transport.
+        self._transport = cast(asyncio.Transport, transport)
+
+    def ask(self, signed: bytes) -> asyncio.Future[bytes]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bytes] = loop.create_future()
+        if self._failed is not None:
+            future.set_exception(self._failed)
+            return future
+        if not self._asked:
+            loop.call_soon(self._send)
+        self._asked.append((signed, future))
+        if len(self._asked) >= _BATCH:
+            # Sent now, not at the end of the turn: the child signs these while the
+            # run prepares the next ones, instead of the two taking turns.
+            self._send()
+        return future
+
+    def _send(self) -> None:
+        asked, self._asked = self._asked, []
+        if not asked:  # sent already, a full batch
+            return
+        if self._failed is not None or self._transport is None:
+            for _, future in asked:
+                if not future.done():
+                    future.set_exception(self._failed or _ended(EOFError()))
+            return
+        data = pickle.dumps([signed for signed, _ in asked], _PROTOCOL)
+        # Buffered by the transport, never blocking the loop.
+        self._transport.write(_HEADER.pack(len(data)) + data)
+        self._waiting.append([future for _, future in asked])
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        while len(self._buffer) >= _HEADER.size:
+            (size,) = _HEADER.unpack_from(self._buffer)
+            end = _HEADER.size + size
+            if len(self._buffer) < end:
+                break
+            signatures = pickle.loads(self._buffer[_HEADER.size : end])  # noqa: S301  # see _HEADER
+            del self._buffer[:end]
+            for future, signature in zip(self._waiting.popleft(), signatures, strict=True):
+                if not future.done():  # a run that stops cancels what it no longer needs
+                    future.set_result(signature)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._failed = self._failed or _ended(exc or EOFError())
+        while self._waiting:
+            for future in self._waiting.popleft():
+                if not future.done():
+                    future.set_exception(self._failed)
+        if not self._closed.done():
+            self._closed.set_result(None)
+
+    async def close(self) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.close()
+        await self._closed
+
+
+def _serve(sock: socket.socket, parents_end: socket.socket, signer: Signer) -> None:
+    """The child: sign each batch the run sends, in order, until the socket closes."""
+    # See the module's docstring: the run decides when signing ends.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    parents_end.close()  # or the socket would never see EOF when the run dies
+    with contextlib.suppress(EOFError, OSError):  # the run is gone, or done
+        while True:
+            batch = _read_frame(sock)
+            data = pickle.dumps([signer.rsa(signed) for signed in batch], _PROTOCOL)
+            sock.sendall(_HEADER.pack(len(data)) + data)
+
+
+def _read_frame(sock: socket.socket) -> list[bytes]:
+    (size,) = _HEADER.unpack(_read_exactly(sock, _HEADER.size))
+    batch: list[bytes] = pickle.loads(_read_exactly(sock, size))  # noqa: S301  # see _HEADER
+    return batch
+
+
+def _ended(exc: BaseException) -> AppealMailerError:
+    return AppealMailerError(
+        f"the DKIM signing process ended unexpectedly ({exc.__class__.__name__})",
+        hint="run the same command again: the messages not sent are still due",
+    )
