@@ -588,34 +588,42 @@ class CampaignRun:
         ) -> None:
             nonlocal produced
             after = 0
-            while produced < todo and not self._stop.is_set():
-                page = await self._db(
-                    Ledger.due_page, scope, after, domain=domain, exclude=exclude, state=state
-                )
-                if not page:
-                    break
-                signed: collections.deque[tuple[DueRow, Unsigned, asyncio.Future[bytes]]]
-                signed = collections.deque()
-                for due in page:
-                    if produced >= todo or self._stop.is_set():
+            # Messages waiting for their DKIM signatures, in the ledger's order.
+            signed: collections.deque[tuple[DueRow, Unsigned, asyncio.Future[bytes]]]
+            signed = collections.deque()
+            try:
+                while produced < todo and not self._stop.is_set():
+                    page = await self._db(
+                        Ledger.due_page, scope, after, domain=domain, exclude=exclude, state=state
+                    )
+                    if not page:
                         break
-                    # Counted before waiting for the domain's pace, so that two
-                    # lanes cannot both take the last place under --limit.
-                    produced += 1
-                    if domain is not None and self.pace is not None:
-                        await self.pace.acquire_domain(domain)
-                    if self.signer is None or signing is None:
-                        await feed.put(self._job(due, self.wire_bytes(due.recipient)))
-                        continue
-                    # The child signs while this process renders the next messages;
-                    # jobs still go on in the ledger's order.
-                    unsigned = self.signer.prepare(self._unsigned_bytes(due.recipient))
-                    signed.append((due, unsigned, signing.rsa(unsigned.signed)))
-                    if len(signed) >= _SIGNING_AHEAD:
-                        await put_signed(*signed.popleft())
+                    for due in page:
+                        if produced >= todo or self._stop.is_set():
+                            break
+                        # Counted before waiting for the domain's pace, so that two
+                        # lanes cannot both take the last place under --limit.
+                        produced += 1
+                        if domain is not None and self.pace is not None:
+                            await self.pace.acquire_domain(domain)
+                        if self.signer is None or signing is None:
+                            await feed.put(self._job(due, self.wire_bytes(due.recipient)))
+                            continue
+                        # The child signs while this process renders the next messages.
+                        unsigned = self.signer.prepare(self._unsigned_bytes(due.recipient))
+                        signed.append((due, unsigned, signing.rsa(unsigned.signed)))
+                        if len(signed) >= _SIGNING_AHEAD:
+                            await put_signed(*signed.popleft())
+                    after = page[-1].row_id
                 while signed:
                     await put_signed(*signed.popleft())
-                after = page[-1].row_id
+            finally:
+                # Left by a failure: their rows were not claimed and stay due. A
+                # failed signature is read here, or asyncio would log it as lost.
+                for *_, signature in signed:
+                    if signature.done() and not signature.cancelled():
+                        signature.exception()
+                    signature.cancel()
 
         async def put_signed(
             due: DueRow, unsigned: Unsigned, signature: asyncio.Future[bytes]
