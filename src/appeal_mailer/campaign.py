@@ -561,6 +561,10 @@ class CampaignRun:
         todo = report.due if self.limit is None else min(report.due, self.limit)
         if todo == 0:
             return
+        # [dkim]: the RSA signatures are made by a child process (signing.py), forked
+        # here, before any SMTP connection or thread (the progress bar's) exists: it
+        # holds no copy of a socket the server should see closed, and no lock.
+        signing = await SigningProcess.start(self.signer) if self.signer is not None else None
         if progress is not None:
             progress.start(todo)
         feed: asyncio.Queue[_Job | None] = asyncio.Queue(maxsize=_CLAIM_BATCH * 2)
@@ -569,8 +573,6 @@ class CampaignRun:
         unsent: list[int] = []
         produced = 0
         lanes = self._lanes()
-        # [dkim]: RSA signatures made on the second core (signing.py), else in line.
-        signing: SigningProcess | None = None
 
         async def produce(domain: str | None, exclude: tuple[str, ...]) -> None:
             nonlocal produced
@@ -768,7 +770,12 @@ class CampaignRun:
 
         # Only now, with something to send: a wrong password or a server without
         # STARTTLS stops the run here, before any message.
-        await self.transport.open()
+        try:
+            await self.transport.open()
+        except BaseException:
+            if signing is not None:
+                await signing.close()
+            raise
         recorder = asyncio.create_task(record())
 
         def recorder_ended(task: asyncio.Task[None]) -> None:
@@ -782,8 +789,6 @@ class CampaignRun:
 
         recorder.add_done_callback(recorder_ended)
         try:
-            if self.signer is not None:
-                signing = await SigningProcess.start(self.signer)
             workers = [deliver() for _ in range(connections)]
             producers = [produce(domain, exclude) for domain, exclude in lanes]
             await asyncio.gather(*producers, claim(), *workers)

@@ -24,6 +24,7 @@ import asyncio
 import collections
 import contextlib
 import multiprocessing
+import os
 import pickle
 import signal
 import socket
@@ -162,6 +163,9 @@ def _serve(sock: socket.socket, parents_end: socket.socket, signer: Signer) -> N
             batch = _read_frame(sock)
             data = pickle.dumps([signer.rsa(signed) for signed in batch], _PROTOCOL)
             sock.sendall(_HEADER.pack(len(data)) + data)
+    # Out at once: a normal exit would flush this copy of the run's stdout buffer,
+    # and print again what the run had printed but not yet flushed when it forked.
+    os._exit(0)
 
 
 def _read_frame(sock: socket.socket) -> list[bytes]:
