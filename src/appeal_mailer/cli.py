@@ -482,6 +482,25 @@ def _check_dkim(settings: Settings) -> None:
     # Quoted in pieces of at most 255 characters: one TXT string's limit (RFC 1035 3.3.14).
     pieces = " ".join(f'"{record[i : i + 255]}"' for i in range(0, len(record), 255))
     click.echo(f"dkim: the DNS must publish: {name}. IN TXT {pieces}")
+    published, failure = signer.published()
+    if failure is not None:
+        click.echo(f"dkim: could not ask the DNS for {name} ({failure}); try: dig TXT {name}")
+    elif not published:
+        click.echo(
+            f"dkim: warning: nothing is published at {name} yet: until the record above is, "
+            "receivers cannot check the signatures"
+        )
+    elif signer.public_key in published:
+        click.echo(f"dkim: {name} publishes this key")
+    else:
+        revoked = "" in published
+        raise ConfigError(
+            f"the DNS publishes {'a revoked key' if revoked else 'another key'} at {name}: "
+            "receivers would reject every signature",
+            path=settings.source,
+            key="[dkim] selector",
+            hint="publish the record above, or set selector and the key to those published",
+        )
     from_domain = settings.campaign.sender[1].rpartition("@")[2].lower()
     if from_domain != signer.domain and not from_domain.endswith("." + signer.domain):
         # RFC 7489 3.1.1: relaxed alignment wants d= to be From's domain or a parent of it.

@@ -82,13 +82,46 @@ class Signer:
     def bits(self) -> int:
         return self._key.key_size
 
-    def dns_record(self) -> tuple[str, str]:
-        """The DNS name of the public key, and the TXT record to put there (RFC 6376 3.6.1)."""
+    @property
+    def public_key(self) -> str:
+        """The public key as a DKIM record's p= holds it: base64 of DER SubjectPublicKeyInfo."""
         public = self._key.public_key().public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         )
+        return base64.b64encode(public).decode("ascii")
+
+    def dns_record(self) -> tuple[str, str]:
+        """The DNS name of the public key, and the TXT record to put there (RFC 6376 3.6.1)."""
         name = f"{self.selector}._domainkey.{self.domain}"
-        return name, f"v=DKIM1; k=rsa; p={base64.b64encode(public).decode('ascii')}"
+        return name, f"v=DKIM1; k=rsa; p={self.public_key}"
+
+    def published(self, *, timeout: float = 3.0) -> tuple[list[str], str | None]:
+        """The p= values published at the key's DNS name, and why the lookup failed, if it did.
+
+        ([], None): the DNS says there is no record. A p= that is empty means a
+        revoked key (RFC 6376 3.6.1).
+        """
+        # Imported here: only `check` asks the DNS (dnspython, email-validator's too).
+        import dns.exception  # noqa: PLC0415
+        import dns.resolver  # noqa: PLC0415
+
+        name, _ = self.dns_record()
+        try:
+            answer = dns.resolver.resolve(name, "TXT", lifetime=timeout)
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            return [], None
+        except dns.exception.DNSException as exc:
+            return [], str(exc) or exc.__class__.__name__
+        keys = []
+        for record in answer:
+            # RFC 6376 3.6.2.2: a record's strings are joined without spaces.
+            text = b"".join(record.strings).decode("ascii", "replace")
+            tags = {
+                key.strip(): value for key, _, value in (t.partition("=") for t in text.split(";"))
+            }
+            if "p" in tags:
+                keys.append("".join(tags["p"].split()))
+        return keys, None
 
     def sign(self, message: bytes) -> bytes:
         """`message` with a DKIM-Signature field on top.
