@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import dns.resolver
 import pytest
 import tomli_w
 import trustme
@@ -18,6 +19,7 @@ from click.testing import CliRunner, Result
 
 from appeal_mailer.cli import main
 from appeal_mailer.ledger import Ledger
+from tests.dnsd import LoopbackDns
 from tests.pg import POSTGRES_URL, engine
 from tests.smtpd import RecordingServer
 
@@ -47,6 +49,18 @@ def smtp_server() -> Iterator[RecordingServer]:
     server = RecordingServer().start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def loopback_dns(monkeypatch: pytest.MonkeyPatch) -> Iterator[LoopbackDns]:
+    """dnspython's default resolver, which `check` and dkimpy use, asks LoopbackDns only."""
+    server = LoopbackDns()
+    resolver = dns.resolver.Resolver(configure=False)
+    resolver.nameservers = ["127.0.0.1"]
+    resolver.port = server.port
+    monkeypatch.setattr(dns.resolver, "default_resolver", resolver)
+    yield server
+    server.close()
 
 
 @pytest.fixture(scope="session")

@@ -502,11 +502,18 @@ def _check_dkim(settings: Settings) -> None:
             hint="publish the record above, or set selector and the key to those published",
         )
     from_domain = settings.campaign.sender[1].rpartition("@")[2].lower()
-    if from_domain != signer.domain and not from_domain.endswith("." + signer.domain):
-        # RFC 7489 3.1.1: relaxed alignment wants d= to be From's domain or a parent of it.
+    inside = (from_domain, signer.domain)
+    if from_domain != signer.domain and not any(
+        a.endswith("." + b) for a, b in (inside, inside[::-1])
+    ):
+        # RFC 7489 3.1.1: DMARC's relaxed alignment wants d= and From's domain in
+        # one organizational domain. One inside the other always is; telling
+        # a.example.org and b.example.org (one) from a.co.uk and b.co.uk (two)
+        # takes the Public Suffix List, which this warning does without.
         click.echo(
-            f"dkim: warning: d={signer.domain} is not From's domain ({from_domain}) nor a "
-            "parent of it, so DMARC will not count this signature as the sender's"
+            f"dkim: warning: d={signer.domain} and From's domain ({from_domain}) are not one "
+            "inside the other: DMARC counts this signature as the sender's only if both "
+            "belong to the same organization's domain"
         )
 
 

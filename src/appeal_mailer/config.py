@@ -309,6 +309,9 @@ class DkimSettings(_Section):
         if value is None:
             return None
         name = value.strip().rstrip(".").lower()
+        # RFC 1035 2.3.4: a name is at most 255 octets on the wire, 253 characters.
+        if len(name) > 253:
+            raise ValueError(f"{value[:40]!r}... is longer than a DNS name may be (253)")
         if not _DNS_NAME.match(name):
             raise ValueError(
                 f"{value!r} is not a DNS name of ASCII letters, digits and hyphens "
@@ -324,6 +327,10 @@ class DkimSettings(_Section):
             return self
         if self.domain is None or self.selector is None:
             raise ValueError("set both domain and selector, or neither (no DKIM signing)")
+        # The key's name, SELECTOR._domainkey.DOMAIN, must fit in the DNS too.
+        name = f"{self.selector}._domainkey.{self.domain}"
+        if len(name) > 253:
+            raise ValueError(f"{name} is longer than a DNS name may be (253 characters)")
         if (self.private_key_file is None) == (self.private_key is None):
             raise ValueError(
                 "set private_key_file, or the key itself in APPEAL_MAILER_DKIM__PRIVATE_KEY "

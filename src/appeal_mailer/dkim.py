@@ -53,7 +53,13 @@ class Signer:
         self._clock = clock
         self._padding = padding.PKCS1v15()
         self._hash = hashes.SHA256()
-        self._head = f"v=1; a=rsa-sha256; c=relaxed/relaxed;\r\n d={domain}; s={selector};"
+        self._head = [
+            (" ", "v=1;"),
+            (" ", "a=rsa-sha256;"),
+            (" ", "c=relaxed/relaxed;"),
+            (" ", f"d={domain};"),
+            (" ", f"s={selector};"),
+        ]
 
     @classmethod
     def from_settings(cls, dkim: DkimSettings, config: Path) -> Signer | None:
@@ -148,12 +154,19 @@ class Signer:
         # Subject or List-Unsubscribe below without breaking the signature
         # (RFC 6376 5.4.2 and 8.15). mime.py writes each field once.
         hashed = b"".join(map(_relaxed_field, fields))
-        listed = ":".join(name.decode("ascii") for name in names + names)
+        listed = [name.decode("ascii") + ":" for name in names + names]
+        listed[0], listed[-1] = "h=" + listed[0], listed[-1][:-1] + ";"
         body_hash = base64.b64encode(hashlib.sha256(_relaxed_body(body)).digest())
-        tags = (
-            f"DKIM-Signature: {self._head} t={int(self._clock())};\r\n"
-            f" {_fold('h=' + listed, 1)};\r\n"
-            f" bh={body_hash.decode('ascii')};\r\n b="
+        tags = _fold(
+            [
+                *self._head,
+                (" ", f"t={int(self._clock())};"),
+                # RFC 6376 3.5: h= may fold after any colon; its names are not spaced.
+                (" ", listed[0]),
+                *(("", name) for name in listed[1:]),
+                (" ", f"bh={body_hash.decode('ascii')};"),
+                (" ", "b="),
+            ]
         ).encode("ascii")
         # RFC 6376 3.7: the signature covers the header fields, then this field
         # itself with b= empty, canonicalized, without its final CRLF.
@@ -174,9 +187,12 @@ class Unsigned:
 
     def finish(self, signature: bytes) -> bytes:
         encoded = base64.b64encode(signature)
-        # Folding whitespace inside b= is ignored by verifiers (RFC 6376 3.5).
-        folded = b"\r\n ".join(encoded[i : i + 72] for i in range(0, len(encoded), 72))
-        return self.tags + folded + b"\r\n" + self.message
+        # Folding whitespace inside b= is ignored by verifiers (RFC 6376 3.5): the
+        # rest of b='s line, then lines of a space and 77 characters.
+        first = _FOLD_AT - (len(self.tags) - self.tags.rfind(b"\n") - 1)
+        pieces = [encoded[:first]] if first > 0 else [b""]
+        pieces += [encoded[i : i + _FOLD_AT - 1] for i in range(first, len(encoded), _FOLD_AT - 1)]
+        return self.tags + b"\r\n ".join(pieces) + b"\r\n" + self.message
 
 
 def load_key(pem: bytes, where: Path, key: str | None) -> rsa.RSAPrivateKey:
@@ -231,17 +247,21 @@ def _relaxed_body(body: bytes) -> bytes:
     return body + b"\r\n" if body else b""
 
 
-def _fold(text: str, start: int) -> str:
-    """`text`, a colon-separated list, folded before a name where a line would pass 78."""
+def _fold(tokens: list[tuple[str, str]]) -> str:
+    """The DKIM-Signature field up to its b=, folded to lines of at most 78 characters.
+
+    Each token goes on the line so far, after its separator, if it fits; else
+    it starts the next line (RFC 5322 2.2.3: a CRLF and a space). A token too
+    long for any line (a domain of 70 characters) has one of its own: its line
+    is at most 998 octets, as the domain is at most 253.
+    """
     lines: list[str] = []
-    line, width = "", start
-    for part in text.split(":"):
-        piece = part if not line else ":" + part
-        if line and width + len(piece) > _FOLD_AT:
-            lines.append(line + ":")
-            line, width = " " + part, 1 + len(part)
-            continue
-        line += piece
-        width += len(piece)
+    line = "DKIM-Signature:"
+    for separator, token in tokens:
+        if len(line) + len(separator) + len(token) <= _FOLD_AT:
+            line += separator + token
+        else:
+            lines.append(line)
+            line = " " + token
     lines.append(line)
     return "\r\n".join(lines)
