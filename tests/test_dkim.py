@@ -17,12 +17,14 @@ import base64
 import contextlib
 import csv
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
 import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -447,6 +449,19 @@ def test_adding_a_second_signed_field_breaks_the_signature(
     assert not signed_by(signer, tampered)
 
 
+@pytest.mark.parametrize(
+    "field",
+    [b"Reply-To: someone@attacker.example", b"Cc: more@example.net", b"Sender: x@example.net"],
+)
+def test_adding_a_reply_to_cc_or_sender_the_message_lacks_breaks_the_signature(
+    signer: Signer, field: bytes
+) -> None:
+    """Signed as absent (RFC 6376 8.15): a replayed copy cannot gain a Reply-To elsewhere."""
+    signed = signer.sign(build(reply_to=False))
+    assert signed_by(signer, signed)
+    assert not signed_by(signer, insert_field(signed, field, where="bottom"))
+
+
 def test_a_field_the_message_does_not_have_may_be_added_without_breaking_it(
     signer: Signer,
 ) -> None:
@@ -605,7 +620,7 @@ def test_bh_is_the_sha256_of_the_body_as_dkimpy_canonicalizes_it(signer: Signer)
 def test_h_signs_every_field_of_the_message_and_each_name_once_more(
     signer: Signer, https: bool, html: str | None
 ) -> None:
-    """h= is the message's own field names, then each again (oversigning).
+    """h= is the message's own field names, then each again, then the absent ones (oversigning).
 
     It covers From and List-Unsubscribe, and List-Unsubscribe-Post exactly when
     an https unsubscribe URL is configured: RFC 8058 4 wants both signed.
@@ -613,7 +628,10 @@ def test_h_signs_every_field_of_the_message_and_each_name_once_more(
     raw = build(https=https, html=html)
     listed = signature_tags(signer.sign(raw))[b"h"].decode("ascii").split(":")
     names = field_names(raw)
-    assert listed == names + names
+    absent = [
+        n for n in ("reply-to", "cc", "sender", "in-reply-to", "references") if n not in names
+    ]
+    assert listed == names + names + absent
     for name in ("from", "to", "subject", "date", "message-id", "list-unsubscribe", "list-id"):
         assert listed.count(name) == 2, name
     assert ("list-unsubscribe-post" in listed) is https
@@ -856,6 +874,15 @@ def test_a_key_from_the_secrets_directory_signs(  # noqa: PLR0917  # pytest fixt
     assert_no_key(output, pem(rsa_2048))
 
 
+# An EC key on secp112r1 (`openssl ecparam -name secp112r1 -genkey -noout`), a
+# curve OpenSSL can write but `cryptography` will not load (UnsupportedAlgorithm).
+EC_SECP112R1 = b"""-----BEGIN EC PRIVATE KEY-----
+MD4CAQEEDgYCpCMvj1oTCkcEGaEIoAcGBSuBBAAGoSADHgAEhKKq1sAocz+/b1K2
+JGFnkrQqJUQUuGSuMWpG4w==
+-----END EC PRIVATE KEY-----
+"""
+
+
 @pytest.mark.parametrize(
     ("make", "says"),
     [
@@ -864,8 +891,9 @@ def test_a_key_from_the_secrets_directory_signs(  # noqa: PLR0917  # pytest fixt
         (lambda keys: pem(keys["rsa_2048"], b"passphrase"), "protected by a passphrase"),
         (lambda keys: pem(keys["ed25519"]), "not an RSA key"),
         (lambda keys: pem(keys["rsa_512"]), "has 512 bits"),
+        (lambda keys: EC_SECP112R1, "not an RSA key"),
     ],
-    ids=["missing", "not-pem", "passphrase", "ed25519", "512-bit"],
+    ids=["missing", "not-pem", "passphrase", "ed25519", "512-bit", "unsupported-curve"],
 )
 def test_a_bad_key_file_stops_send_and_check_before_anything_is_sent(  # noqa: PLR0917  # pytest fixtures
     run_cli: CliRun,
@@ -879,7 +907,7 @@ def test_a_bad_key_file_stops_send_and_check_before_anything_is_sent(  # noqa: P
     make: Callable[[dict[str, Any]], bytes] | None,
     says: str,
 ) -> None:
-    """A missing, non-PEM, encrypted, Ed25519 or 512-bit key: exit 1 naming the file, a hint.
+    """A missing, non-PEM, encrypted, Ed25519, 512-bit or unloadable EC key: exit 1, file, hint.
 
     The recording server receives nothing, not even a connection.
     """
@@ -967,6 +995,32 @@ def test_send_delivers_every_message_signed_and_verified_exactly_once(  # noqa: 
     assert_no_key(output, key_file.read_bytes())
     assert_no_key(json.dumps(ledger_summaries(config.parent / "ledger.db")), key_file.read_bytes())
     assert ledger_counts(config.parent / "ledger.db") == {"sent": len(listed)}
+
+
+def test_a_domains_rate_limit_still_spaces_its_signed_messages(  # noqa: PLR0917  # pytest fixtures
+    run_cli: CliRun,
+    write_config: ConfigWriter,
+    write_list: ListWriter,
+    key_file: Path,
+    smtp_server: RecordingServer,
+    rsa_2048: rsa.RSAPrivateKey,
+) -> None:
+    """A domain's own lane waits for each signature: its paced messages never go out in a burst.
+
+    Signed messages wait for their signatures in order; held back behind the
+    next ones, a slow domain's paced messages all left together at its lane's end.
+    """
+    write_config(dkim=dkim_section(), sending={"rate": 0, "domain_limits": {"slow.example": 10}})
+    slow = [{"email": f"s{i}@slow.example", "name": f"S {i}"} for i in range(6)]
+    fast = [{"email": f"f{i}@fast.example", "name": f"F {i}"} for i in range(6)]
+    _send_signed(run_cli, write_list(slow + fast), smtp_server, txt_record(rsa_2048))
+    arrived = sorted(
+        m.received_at for m in smtp_server.messages if m.rcpt_tos[0].endswith("@slow.example")
+    )
+    assert len(arrived) == len(slow)
+    # 10 a second: each at least about 0.1 s after the one before (a burst: 0).
+    gaps = [later - earlier for earlier, later in itertools.pairwise(arrived)]
+    assert min(gaps) >= 0.08, gaps
 
 
 def test_personal_html_messages_with_one_click_unsubscribe_are_signed(  # noqa: PLR0917  # pytest fixtures
@@ -1251,6 +1305,29 @@ async def test_the_signing_process_makes_the_signers_signatures_in_order(signer:
         await signing.close()
     assert child.exitcode == 0
     assert _signing_children() == []
+
+
+async def test_the_signing_child_keeps_none_of_the_runs_descriptors_open(
+    signer: Signer, tmp_path: Path
+) -> None:
+    """Forked, the child closes what it inherited: only its socket and the standard streams.
+
+    A copy of an SMTP session's socket kept the connection open at the server
+    after the run had dropped it; a copy of the ledger's socket would keep the
+    ledger's child from seeing the run die.
+    """
+    with socket.socket() as held, (tmp_path / "open.txt").open("w") as also_held:
+        signing = await SigningProcess.start(signer)
+        assert signing is not None
+        try:
+            (child,) = _signing_children()
+            assert await signing.rsa(b"x") == signer.rsa(b"x")  # it has closed them by now
+            fds = {int(fd) for fd in os.listdir(f"/proc/{child.pid}/fd")}
+            assert held.fileno() not in fds
+            assert also_held.fileno() not in fds
+            assert len(fds - {0, 1, 2}) == 1, fds  # its socket to the run, nothing else
+        finally:
+            await signing.close()
 
 
 async def test_a_dead_signing_process_fails_what_is_asked_with_a_hint(signer: Signer) -> None:

@@ -590,9 +590,12 @@ class CampaignRun:
         ) -> None:
             nonlocal produced
             after = 0
-            # Messages waiting for their DKIM signatures, in the ledger's order.
+            # Messages waiting for their DKIM signatures, in the ledger's order. A
+            # domain's own lane waits for each: its messages were paced before they
+            # were signed, and held back here they would go out in a burst.
             signed: collections.deque[tuple[DueRow, Unsigned, asyncio.Future[bytes]]]
             signed = collections.deque()
+            ahead = 1 if domain is not None and self.pace is not None else _SIGNING_AHEAD
             try:
                 while produced < todo and not self._stop.is_set():
                     page = await self._db(
@@ -614,7 +617,7 @@ class CampaignRun:
                         # The child signs while this process renders the next messages.
                         unsigned = self.signer.prepare(self._unsigned_bytes(due.recipient))
                         signed.append((due, unsigned, signing.rsa(unsigned.signed)))
-                        if len(signed) >= _SIGNING_AHEAD:
+                        if len(signed) >= ahead:
                             await put_signed(*signed.popleft())
                     after = page[-1].row_id
                 while signed:

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
@@ -28,12 +29,16 @@ from appeal_mailer.errors import ConfigError
 
 # RFC 8301 3.2: signers MUST use RSA keys of at least 1024 bits, SHOULD use 2048.
 MIN_BITS = 1024
+_NOT_RSA = "the DKIM key is not an RSA key: appeal-mailer signs with rsa-sha256"
 _WSP_RUN = re.compile(rb"[ \t]+")
 # The runs that canonicalizing changes: single spaces, most of a body's, stay.
 _WSP_TO_SPACE = re.compile(rb"\t[ \t]*| [ \t]+")
 # Where one header field ends: a CRLF not followed by folding whitespace (RFC 5322 2.2.3).
 _FIELD_END = re.compile(rb"\r\n(?![ \t])")
 _FOLD_AT = 78
+# Signed absent too, so that nobody can add one to a copy of the message (a
+# Reply-To that sends the replies elsewhere): RFC 6376 8.15.
+_ALSO_SIGNED = (b"reply-to", b"cc", b"sender", b"in-reply-to", b"references")
 
 
 class Signer:
@@ -149,12 +154,14 @@ class Signer:
         head, body = message[: end + 2], message[end + 4 :]
         fields = _FIELD_END.split(head[:-2])
         names = [field.partition(b":")[0].strip().lower() for field in fields]
-        # Every field is signed, and each name is listed once more than it occurs:
-        # the extra entry signs "no such field", so nobody can add a second From,
-        # Subject or List-Unsubscribe below without breaking the signature
-        # (RFC 6376 5.4.2 and 8.15). mime.py writes each field once.
+        # Every field is signed, and each name is listed once more than it occurs
+        # (then the _ALSO_SIGNED ones the message lacks): the extra entries sign "no
+        # such field", so nobody can add a second From, Subject or List-Unsubscribe,
+        # or a Reply-To, without breaking the signature (RFC 6376 5.4.2 and 8.15).
+        # mime.py writes each field once.
         hashed = b"".join(map(_relaxed_field, fields))
-        listed = [name.decode("ascii") + ":" for name in names + names]
+        absent = [name for name in _ALSO_SIGNED if name not in names]
+        listed = [name.decode("ascii") + ":" for name in names + names + absent]
         listed[0], listed[-1] = "h=" + listed[0], listed[-1][:-1] + ";"
         body_hash = base64.b64encode(hashlib.sha256(_relaxed_body(body)).digest())
         tags = _fold(
@@ -208,16 +215,15 @@ def load_key(pem: bytes, where: Path, key: str | None) -> rsa.RSAPrivateKey:
             "the DKIM key is protected by a passphrase",
             "store it without one, readable only by this user: openssl rsa -in KEY -out dkim.pem",
         ) from exc
+    except UnsupportedAlgorithm as exc:  # a kind of key OpenSSL cannot load (SM2, odd curves)
+        raise error(_NOT_RSA, "make one with: openssl genrsa -out dkim.pem 2048") from exc
     except (ValueError, UnicodeError) as exc:
         raise error(
             "not a PEM private key",
             "make one with: openssl genrsa -out dkim.pem 2048",
         ) from exc
     if not isinstance(loaded, rsa.RSAPrivateKey):
-        raise error(
-            "the DKIM key is not an RSA key: appeal-mailer signs with rsa-sha256",
-            "make one with: openssl genrsa -out dkim.pem 2048",
-        )
+        raise error(_NOT_RSA, "make one with: openssl genrsa -out dkim.pem 2048")
     if loaded.key_size < MIN_BITS:
         raise error(
             f"the DKIM key has {loaded.key_size} bits: RFC 8301 requires at least {MIN_BITS}",

@@ -40,6 +40,8 @@ from appeal_mailer.ledger_process import _HEADER, _PROTOCOL, _read_exactly
 
 # At most this many signatures asked in one message (5 ms of the child's work).
 _BATCH = 16
+# Above every descriptor the run can have open (os.closerange closes what is open).
+_MAX_FD = os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 1 << 16
 
 
 class SigningProcess:
@@ -157,7 +159,14 @@ def _serve(sock: socket.socket, parents_end: socket.socket, signer: Signer) -> N
     # See the module's docstring: the run decides when signing ends.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # The event loop's: a signal here must not wake the run's loop.
+    signal.set_wakeup_fd(-1)
     parents_end.close()  # or the socket would never see EOF when the run dies
+    # Nothing of the run's stays open here but the standard streams: not the ledger's
+    # socket (its child must see EOF when the run dies), not the event loop's.
+    keep = sock.fileno()
+    os.closerange(3, keep)
+    os.closerange(keep + 1, _MAX_FD)
     with contextlib.suppress(EOFError, OSError):  # the run is gone, or done
         while True:
             batch = _read_frame(sock)
