@@ -35,7 +35,7 @@ from appeal_mailer.ledger import Ledger, runs
 from appeal_mailer.models import Recipient
 from tests import pg
 from tests.conftest import ConfigWriter, ListWriter
-from tests.smtpd import RecordingServer
+from tests.smtpd import STALL, RecordingServer
 
 CONNECTIONS = 4
 # Rows a run can hold `sending` at once: per connection one message in flight and
@@ -503,6 +503,47 @@ def test_sigterm_stops_cleanly_and_the_next_run_sends_the_rest_once(  # noqa: PL
     unknown, copies = _check_record(smtp_server, mailer.status(), emails)
     assert unknown == set()
     assert copies == dict.fromkeys(emails, 1)
+
+
+def test_a_second_ctrl_c_ends_the_run_at_once_and_the_next_run_finishes_it(  # noqa: PLR0917  # pytest fixtures
+    write_config: ConfigWriter,
+    write_list: ListWriter,
+    smtp_server: RecordingServer,
+    tmp_path: Path,
+    children: list[subprocess.Popen[bytes]],
+    ledger_view: LedgerView,
+) -> None:
+    """The first Ctrl-C waits for the messages in flight; a second one does not wait.
+
+    One message's DATA never gets its reply (the server stalls for longer than
+    this test waits), so the first Ctrl-C alone would wait out [smtp] timeout.
+    The second ends the process (exit 130, as a shell reports an interrupt);
+    the next run marks what was in flight unknown and sends the rest, once.
+    """
+    people = _people(40)
+    emails = [p["email"] for p in people]
+    stalled = emails[0]
+    smtp_server.fail(stalled, "data", STALL)
+    config = write_config(
+        smtp={"connections": 2, "timeout": 10 * DEADLINE},
+        sending={"rate": 20, **FAST_RETRIES},
+        ledger=ledger_view.config(),
+    )
+    mailer = Mailer(config, write_list(people), tmp_path, children, ledger_view)
+    process = mailer.start()
+    assert _wait(_messages(smtp_server, 5), process, "5 messages", poll=0.005)
+    mailer.kill(process, signal.SIGINT)
+    time.sleep(0.5)  # not a measurement: two signals at once would be taken as one
+    assert process.poll() is None, "the first SIGINT alone must wait for the stalled message"
+    mailer.kill(process, signal.SIGINT)
+    assert mailer.finish(process) == 130, mailer.output(process)
+    assert "interrupted again" in mailer.output(process)
+    ledger_view.settle()
+    rest = mailer.start()
+    assert mailer.finish(rest) in (0, 3), mailer.output(rest)
+    unknown, copies = _check_record(smtp_server, mailer.status(), emails)
+    assert stalled in unknown
+    assert all(count == 1 for email, count in copies.items() if email not in unknown)
 
 
 def test_a_run_whose_process_is_gone_is_dead_at_once_but_only_on_its_own_host(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import signal
 import sys
@@ -749,9 +750,20 @@ async def _run_with_signals(run: Any, preflight: Any, progress: Any) -> Any:
 
     def first_signal(sig: signal.Signals) -> None:
         run.stop(f"interrupted by {sig.name}")
-        # A second one is not asked to wait: the default handler ends the process,
-        # and the rows in flight are recovered as unknown by the next run.
-        loop.remove_signal_handler(sig)
+        loop.add_signal_handler(sig, second_signal, sig)
+
+    def second_signal(sig: signal.Signals) -> None:
+        # A second one does not wait (a server that stalls would hold the first for
+        # [smtp] timeout): the process ends now, as the shell reports an interrupt
+        # (128 + the signal). Rows in flight stay `sending`; the next run marks them
+        # unknown, never re-sent. Its children see the socket close and end too.
+        # Written straight to the descriptor: the process leaves without cleanup.
+        os.write(
+            sys.stderr.fileno(),
+            f"\ninterrupted again by {sig.name}: stopped at once; the next run marks the "
+            "messages that were in flight unknown (`status` lists them)\n".encode(),
+        )
+        os._exit(128 + sig)
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
