@@ -29,7 +29,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -995,6 +995,27 @@ def test_send_delivers_every_message_signed_and_verified_exactly_once(  # noqa: 
     assert_no_key(output, key_file.read_bytes())
     assert_no_key(json.dumps(ledger_summaries(config.parent / "ledger.db")), key_file.read_bytes())
     assert ledger_counts(config.parent / "ledger.db") == {"sent": len(listed)}
+
+
+def test_reminders_that_cron_sends_are_signed_too(  # noqa: PLR0917  # pytest fixtures
+    run_cli: CliRun,
+    write_config: ConfigWriter,
+    write_list: ListWriter,
+    key_file: Path,
+    smtp_server: RecordingServer,
+    rsa_2048: rsa.RSAPrivateKey,
+) -> None:
+    """`remind`, past a reminder's `after`: its messages are signed as the appeal's were."""
+    config = write_config(dkim=dkim_section(), reminders=[{"name": "reminder", "after": "3 days"}])
+    people = [{"email": f"m{i}@example.org", "name": f"Member {i}"} for i in range(4)]
+    _send_signed(run_cli, write_list(people), smtp_server, txt_record(rsa_2048))
+    due = (datetime.now(UTC) + timedelta(days=3, minutes=5)).isoformat()
+    result = run_cli("remind", "--yes", "--now", due, config=config)
+    assert result.exit_code == 0, result.output
+    assert len(smtp_server.messages) == 2 * len(people)
+    reminders = smtp_server.messages[len(people) :]
+    assert not_verified((m.data for m in reminders), DNS_NAME, txt_record(rsa_2048)) == []
+    assert len({signature_tags(m.data)[b"b"] for m in smtp_server.messages}) == 2 * len(people)
 
 
 def test_a_domains_rate_limit_still_spaces_its_signed_messages(  # noqa: PLR0917  # pytest fixtures
