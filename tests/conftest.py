@@ -6,6 +6,7 @@ import csv
 import os
 import shutil
 import ssl
+import subprocess
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -61,6 +62,17 @@ def loopback_dns(monkeypatch: pytest.MonkeyPatch) -> Iterator[LoopbackDns]:
     monkeypatch.setattr(dns.resolver, "default_resolver", resolver)
     yield server
     server.close()
+
+
+@pytest.fixture
+def children() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Every child process a test starts; any still running at the end is killed."""
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=30)
 
 
 @pytest.fixture(scope="session")

@@ -47,17 +47,6 @@ DEADLINE = 60.0
 FAST_RETRIES = {"retry_backoff": 0.01, "retry_max_delay": 0.05}
 
 
-@pytest.fixture
-def children() -> Iterator[list[subprocess.Popen[bytes]]]:
-    """Every child process a test starts; any still running at the end is killed."""
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for process in started:
-        if process.poll() is None:
-            process.kill()
-        process.wait(timeout=30)
-
-
 class LedgerView:
     """The ledger the children write, read by the test on the same engine.
 

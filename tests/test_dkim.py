@@ -28,7 +28,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -1453,17 +1453,6 @@ def _gone(pid: int) -> bool:
 
 
 @pytest.fixture
-def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
-    """Every `send` a test starts as a process; any still running at the end is killed."""
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for process in started:
-        if process.poll() is None:
-            process.kill()
-        process.wait(timeout=30)
-
-
-@pytest.fixture
 def kill_setup(
     write_config: ConfigWriter, key_file: Path, write_list: ListWriter
 ) -> tuple[Path, Path]:
@@ -1478,7 +1467,7 @@ def kill_setup(
 
 
 def start_send(
-    config: Path, people: Path, processes: list[subprocess.Popen[bytes]]
+    config: Path, people: Path, children: list[subprocess.Popen[bytes]]
 ) -> subprocess.Popen[bytes]:
     """`python -m appeal_mailer send LIST --yes` as a process of its own."""
     process = subprocess.Popen(
@@ -1496,7 +1485,7 @@ def start_send(
         stderr=subprocess.PIPE,
         cwd=config.parent,
     )
-    processes.append(process)
+    children.append(process)
     return process
 
 
@@ -1543,7 +1532,7 @@ def kill_signing_child_at(
 def test_a_killed_signing_child_stops_the_run_and_the_next_send_finishes(
     kill_setup: tuple[Path, Path],
     smtp_server: RecordingServer,
-    processes: list[subprocess.Popen[bytes]],
+    children: list[subprocess.Popen[bytes]],
     rsa_2048: rsa.RSAPrivateKey,
 ) -> None:
     """SIGKILL to appeal-mailer-dkim mid-run: exit 3 saying so, nothing `sending`, none twice.
@@ -1553,8 +1542,8 @@ def test_a_killed_signing_child_stops_the_run_and_the_next_send_finishes(
     """
     config, people = kill_setup
     ledger = config.parent / "ledger.db"
-    killed = kill_signing_child_at(smtp_server, ledger, processes)
-    status, out, err = finish(start_send(config, people, processes))
+    killed = kill_signing_child_at(smtp_server, ledger, children)
+    status, out, err = finish(start_send(config, people, children))
     assert killed.get("error") is None, killed
     assert "child" in killed
     assert _gone(killed["child"])
@@ -1570,7 +1559,7 @@ def test_a_killed_signing_child_stops_the_run_and_the_next_send_finishes(
     assert set(smtp_server.count_by_recipient().values()) == {1}
 
     smtp_server.on_data = None
-    status, out, err = finish(start_send(config, people, processes))
+    status, out, err = finish(start_send(config, people, children))
     assert status == 0, out + err
     assert ledger_counts(ledger) == {"sent": LIST_SIZE}
     counts_by_recipient = smtp_server.count_by_recipient()
@@ -1583,12 +1572,12 @@ def test_a_killed_signing_child_stops_the_run_and_the_next_send_finishes(
 def test_a_killed_signing_child_is_reported_once_without_tracebacks(
     kill_setup: tuple[Path, Path],
     smtp_server: RecordingServer,
-    processes: list[subprocess.Popen[bytes]],
+    children: list[subprocess.Popen[bytes]],
 ) -> None:
     """The stop is said once, in the summary; stderr (what cron mails) carries no traceback."""
     config, people = kill_setup
-    killed = kill_signing_child_at(smtp_server, config.parent / "ledger.db", processes)
-    status, out, err = finish(start_send(config, people, processes))
+    killed = kill_signing_child_at(smtp_server, config.parent / "ledger.db", children)
+    status, out, err = finish(start_send(config, people, children))
     assert "child" in killed, killed
     assert status == 3, out + err
     assert (out + err).count("the DKIM signing process ended unexpectedly") == 1
@@ -1599,14 +1588,14 @@ def test_a_killed_signing_child_is_reported_once_without_tracebacks(
 def test_a_killed_send_takes_its_signing_child_with_it(
     kill_setup: tuple[Path, Path],
     smtp_server: RecordingServer,
-    processes: list[subprocess.Popen[bytes]],
+    children: list[subprocess.Popen[bytes]],
 ) -> None:
     """SIGKILL to `send` itself: its signing child (SIGTERM ignored) sees EOF and exits."""
     config, people = kill_setup
     killed = kill_signing_child_at(
-        smtp_server, config.parent / "ledger.db", processes, kill_send=True
+        smtp_server, config.parent / "ledger.db", children, kill_send=True
     )
-    status, _, _ = finish(start_send(config, people, processes))
+    status, _, _ = finish(start_send(config, people, children))
     assert status == -signal.SIGKILL
     assert "child" in killed, killed
     deadline = time.monotonic() + DEADLINE

@@ -40,7 +40,7 @@ import pickle
 import signal
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
@@ -53,8 +53,8 @@ LedgerCall = Callable[Concatenate[Ledger, P], T]
 
 # Each message on the socket: its length, then a pickle (our own two processes
 # write and read these, nothing else can reach the socket pair).
-_HEADER = struct.Struct("!Q")
-_PROTOCOL = pickle.HIGHEST_PROTOCOL
+FRAME_HEADER = struct.Struct("!Q")
+FRAME_PICKLE = pickle.HIGHEST_PROTOCOL
 
 
 class LocalLedger:
@@ -198,22 +198,16 @@ class _Link(asyncio.Protocol):
         if self._failed is not None or self._transport is None:
             future.set_exception(self._failed or _ended(self._location, EOFError()))
             return future
-        data = pickle.dumps((name, args, kwargs), _PROTOCOL)
+        data = pickle.dumps((name, args, kwargs), FRAME_PICKLE)
         # Buffered by the transport, never blocking the loop.
-        self._transport.write(_HEADER.pack(len(data)) + data)
+        self._transport.write(FRAME_HEADER.pack(len(data)) + data)
         self._waiting.append(future)
         self._drained.clear()
         return future
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
-        while len(self._buffer) >= _HEADER.size:
-            (size,) = _HEADER.unpack_from(self._buffer)
-            end = _HEADER.size + size
-            if len(self._buffer) < end:
-                break
-            ok, value = pickle.loads(self._buffer[_HEADER.size : end])  # noqa: S301  # see _HEADER
-            del self._buffer[:end]
+        for ok, value in take_frames(self._buffer):
             future = self._waiting.popleft()
             if not self._waiting:
                 self._drained.set()
@@ -307,16 +301,28 @@ def _serve(
 
 
 def _write_frame(sock: socket.socket, value: Any) -> None:
-    data = pickle.dumps(value, _PROTOCOL)
-    sock.sendall(_HEADER.pack(len(data)) + data)
+    data = pickle.dumps(value, FRAME_PICKLE)
+    sock.sendall(FRAME_HEADER.pack(len(data)) + data)
+
+
+def take_frames(buffer: bytearray) -> Iterator[Any]:
+    """Each whole frame at the start of `buffer`, unpickled; each is removed as it is taken."""
+    while len(buffer) >= FRAME_HEADER.size:
+        (size,) = FRAME_HEADER.unpack_from(buffer)
+        end = FRAME_HEADER.size + size
+        if len(buffer) < end:
+            return
+        value = pickle.loads(buffer[FRAME_HEADER.size : end])  # noqa: S301  # see FRAME_HEADER
+        del buffer[:end]
+        yield value
 
 
 def _read_frame(sock: socket.socket) -> Any:
-    (size,) = _HEADER.unpack(_read_exactly(sock, _HEADER.size))
-    return pickle.loads(_read_exactly(sock, size))  # noqa: S301  # see _HEADER
+    (size,) = FRAME_HEADER.unpack(read_exactly(sock, FRAME_HEADER.size))
+    return pickle.loads(read_exactly(sock, size))  # noqa: S301  # see FRAME_HEADER
 
 
-def _read_exactly(sock: socket.socket, size: int) -> bytes:
+def read_exactly(sock: socket.socket, size: int) -> bytes:
     data = bytearray(size)
     view = memoryview(data)
     got = 0

@@ -36,7 +36,7 @@ from appeal_mailer.errors import AppealMailerError
 # The ledger's process frames its socket the same way: each message its
 # length, then a pickle, here of a list of bytes (our own two processes write
 # and read these, nothing else can reach the pair).
-from appeal_mailer.ledger_process import _HEADER, _PROTOCOL, _read_exactly
+from appeal_mailer.ledger_process import FRAME_HEADER, FRAME_PICKLE, read_exactly, take_frames
 
 # At most this many signatures asked in one message (5 ms of the child's work).
 _BATCH = 16
@@ -121,20 +121,14 @@ class _Link(asyncio.Protocol):
                 if not future.done():
                     future.set_exception(self._failed or _ended(EOFError()))
             return
-        data = pickle.dumps([signed for signed, _ in asked], _PROTOCOL)
+        data = pickle.dumps([signed for signed, _ in asked], FRAME_PICKLE)
         # Buffered by the transport, never blocking the loop.
-        self._transport.write(_HEADER.pack(len(data)) + data)
+        self._transport.write(FRAME_HEADER.pack(len(data)) + data)
         self._waiting.append([future for _, future in asked])
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
-        while len(self._buffer) >= _HEADER.size:
-            (size,) = _HEADER.unpack_from(self._buffer)
-            end = _HEADER.size + size
-            if len(self._buffer) < end:
-                break
-            signatures = pickle.loads(self._buffer[_HEADER.size : end])  # noqa: S301  # see _HEADER
-            del self._buffer[:end]
+        for signatures in take_frames(self._buffer):
             for future, signature in zip(self._waiting.popleft(), signatures, strict=True):
                 if not future.done():  # a run that stops cancels what it no longer needs
                     future.set_result(signature)
@@ -170,16 +164,16 @@ def _serve(sock: socket.socket, parents_end: socket.socket, signer: Signer) -> N
     with contextlib.suppress(EOFError, OSError):  # the run is gone, or done
         while True:
             batch = _read_frame(sock)
-            data = pickle.dumps([signer.rsa(signed) for signed in batch], _PROTOCOL)
-            sock.sendall(_HEADER.pack(len(data)) + data)
+            data = pickle.dumps([signer.rsa(signed) for signed in batch], FRAME_PICKLE)
+            sock.sendall(FRAME_HEADER.pack(len(data)) + data)
     # Out at once: a normal exit would flush this copy of the run's stdout buffer,
     # and print again what the run had printed but not yet flushed when it forked.
     os._exit(0)
 
 
 def _read_frame(sock: socket.socket) -> list[bytes]:
-    (size,) = _HEADER.unpack(_read_exactly(sock, _HEADER.size))
-    batch: list[bytes] = pickle.loads(_read_exactly(sock, size))  # noqa: S301  # see _HEADER
+    (size,) = FRAME_HEADER.unpack(read_exactly(sock, FRAME_HEADER.size))
+    batch: list[bytes] = pickle.loads(read_exactly(sock, size))  # noqa: S301  # see FRAME_HEADER
     return batch
 
 
