@@ -208,6 +208,7 @@ def test_in_a_terminal_send_shows_the_plan_and_a_sample_and_no_sends_nothing(
     assert "Template:   appeal" in shown
     assert f"{smtp_server.host}:{smtp_server.port}" in shown
     assert "Rate:" in shown
+    assert "Signed:     no ([dkim] is off" in shown
     assert "Sample, as" in shown
     assert "please forward" in shown
     assert "Nothing sent." in shown

@@ -53,6 +53,7 @@ from appeal_mailer.signing import SigningProcess
 from tests.conftest import CliRun, ConfigWriter, ListWriter
 from tests.dnsd import LoopbackDns
 from tests.smtpd import Received, RecordingServer
+from tests.test_cli import _run_in_terminal
 
 DOMAIN = "example.org"
 SELECTOR = "appeal2026"
@@ -995,6 +996,21 @@ def test_send_delivers_every_message_signed_and_verified_exactly_once(  # noqa: 
     assert_no_key(output, key_file.read_bytes())
     assert_no_key(json.dumps(ledger_summaries(config.parent / "ledger.db")), key_file.read_bytes())
     assert ledger_counts(config.parent / "ledger.db") == {"sent": len(listed)}
+
+
+def test_in_a_terminal_the_plan_says_who_signs(
+    write_config: ConfigWriter,
+    key_file: Path,
+    example_list: Path,
+    smtp_server: RecordingServer,
+    tmp_path: Path,
+) -> None:
+    """The plan `send` shows before it asks names the DKIM domain and selector."""
+    config = write_config(dkim=dkim_section())
+    shown = _run_in_terminal(["--config", str(config), "send", str(example_list)], "n", tmp_path)
+    assert f"Signed:     DKIM, d={DOMAIN} s={SELECTOR}" in shown
+    assert "Nothing sent." in shown
+    assert smtp_server.messages == []
 
 
 def test_reminders_that_cron_sends_are_signed_too(  # noqa: PLR0917  # pytest fixtures

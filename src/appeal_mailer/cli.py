@@ -27,7 +27,7 @@ from appeal_mailer.errors import AppealMailerError, ConfigError
 from appeal_mailer.models import NAME_MAX, NAME_PATTERN
 
 if TYPE_CHECKING:
-    from appeal_mailer.campaign import RunReport
+    from appeal_mailer.campaign import CampaignRun, RunReport
     from appeal_mailer.config import Settings
     from appeal_mailer.ledger import Ledger
     from appeal_mailer.ledger_process import LedgerProcess, LocalLedger
@@ -200,6 +200,7 @@ def send(  # noqa: PLR0917  # click passes each option as an argument
                     rate=settings.sending.rate,
                     already_sent=already,
                     limit=limit,
+                    dkim=_signed_as(run),
                 )
             )
         progress = _progress(obj, dry_run=dry_run)
@@ -374,10 +375,16 @@ def _remind_step(  # noqa: PLR0917  # the command's parts, passed explicitly
                 rate=settings.sending.rate,
                 already_sent=0,
                 limit=None,
+                dkim=_signed_as(run),
             )
         )
     result: RunReport = _run(_run_with_signals(run, preflight, _progress(obj, dry_run=dry_run)))
     return result
+
+
+def _signed_as(run: CampaignRun) -> tuple[str, str] | None:
+    """The (domain, selector) of the run's DKIM signatures, for the plan; None: unsigned."""
+    return None if run.signer is None else (run.signer.domain, run.signer.selector)
 
 
 def _confirm(plan_text: str) -> None:

@@ -41,8 +41,12 @@ def plan(
     rate: float,
     already_sent: int,
     limit: int | None,
+    dkim: tuple[str, str] | None = None,
 ) -> str:
-    """What `send` is about to do, shown before it asks to go ahead."""
+    """What `send` is about to do, shown before it asks to go ahead.
+
+    `dkim`: the (domain, selector) every message is signed as, if any.
+    """
     to_send = max(preflight.valid - already_sent, 0)
     if limit is not None:
         to_send = min(to_send, limit)
@@ -55,6 +59,12 @@ def plan(
         f"To send now: about {to_send}" + (f" (--limit {limit})" if limit is not None else ""),
         f"Server:     {server}",
         f"Rate:       {_rate(rate)}, estimated time {_duration(to_send, rate)}",
+        "Signed:     "
+        + (
+            f"DKIM, d={dkim[0]} s={dkim[1]}"
+            if dkim
+            else "no ([dkim] is off; your server may sign)"
+        ),
     ]
     lines += _skipped_lines(preflight)
     lines += _language_lines(preflight)
