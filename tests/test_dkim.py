@@ -43,6 +43,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from pydantic import SecretStr
 
+from appeal_mailer import signing
 from appeal_mailer.config import CampaignSettings, DkimSettings, load_settings
 from appeal_mailer.dkim import Signer, _relaxed_body, _relaxed_field
 from appeal_mailer.errors import AppealMailerError, ConfigError
@@ -1365,6 +1366,20 @@ async def test_the_signing_child_keeps_none_of_the_runs_descriptors_open(
             assert len(fds - {0, 1, 2}) == 1, fds  # its socket to the run, nothing else
         finally:
             await signing.close()
+
+
+async def test_closing_kills_a_signing_child_that_does_not_exit(
+    signer: Signer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A child that cannot see the socket close (stopped) is killed, not waited for forever."""
+    monkeypatch.setattr(signing, "_EXIT_SECONDS", 0.2)
+    process = await SigningProcess.start(signer)
+    assert process is not None
+    (child,) = _signing_children()
+    assert child.pid is not None
+    os.kill(child.pid, signal.SIGSTOP)
+    await asyncio.wait_for(process.close(), DEADLINE)
+    assert child.exitcode == -signal.SIGKILL
 
 
 async def test_a_dead_signing_process_fails_what_is_asked_with_a_hint(signer: Signer) -> None:

@@ -40,6 +40,8 @@ from appeal_mailer.ledger_process import FRAME_HEADER, FRAME_PICKLE, read_exactl
 
 # At most this many signatures asked in one message (5 ms of the child's work).
 _BATCH = 16
+# How long a closed child may take to exit before it is killed.
+_EXIT_SECONDS = 10.0
 # Above every descriptor the run can have open (os.closerange closes what is open).
 _MAX_FD = os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 1 << 16
 
@@ -78,8 +80,16 @@ class SigningProcess:
     async def close(self) -> None:
         """Let the child go: it ends when it sees the socket closed."""
         await self._link.close()
-        # It finishes the batch it is in (at most a few milliseconds) and exits.
-        await asyncio.get_running_loop().run_in_executor(None, self._process.join)
+        # It finishes the batch it is in (a few milliseconds) and exits; one that
+        # does not (stopped, say) is killed rather than waited for. Not with
+        # join(timeout): the child closed its copy of multiprocessing's sentinel
+        # pipe (_serve), and join(timeout) then blocks as join() does.
+        joined = asyncio.get_running_loop().run_in_executor(None, self._process.join)
+        try:
+            await asyncio.wait_for(asyncio.shield(joined), _EXIT_SECONDS)
+        except TimeoutError:
+            self._process.kill()
+            await joined
 
 
 class _Link(asyncio.Protocol):
