@@ -33,6 +33,7 @@ from appeal_mailer.mime import MessageBuilder
 from appeal_mailer.models import (
     DeliveryResult,
     Envelope,
+    Listed,
     Recipient,
     RenderedMessage,
     SkippedRow,
@@ -103,11 +104,11 @@ class Preflight:
         _spool(self.expired, recipient)
         self.expired_count += 1
 
-    def recipients(self) -> Iterator[Recipient]:
-        """The checked recipients, read back from the start."""
+    def recipients(self) -> Iterator[Listed]:
+        """The checked recipients, read back from the start, as the ledger records them."""
         return _unspool(self.checked)
 
-    def expired_recipients(self) -> Iterator[Recipient]:
+    def expired_recipients(self) -> Iterator[Listed]:
         return _unspool(self.expired)
 
     def close(self) -> None:
@@ -120,11 +121,11 @@ def _spool(spool: IO[bytes], recipient: Recipient) -> None:
     spool.write(f"{recipient.email}\t{recipient.line}\t{recipient.data_json()}\n".encode())
 
 
-def _unspool(spool: IO[bytes]) -> Iterator[Recipient]:
+def _unspool(spool: IO[bytes]) -> Iterator[Listed]:
     spool.seek(0)
     for raw in spool:
         email, line, data = raw.decode().rstrip("\n").split("\t", 2)
-        yield Recipient.from_data_json(email, int(line), data)
+        yield Listed(email, int(line), data)
 
 
 @dataclass
@@ -495,7 +496,7 @@ class CampaignRun:
     async def _load(
         self,
         run_id: int,
-        recipients: Iterable[Recipient],
+        recipients: Iterable[Listed],
         *,
         state: State = State.PENDING,
         reply: str | None = None,
@@ -540,7 +541,7 @@ class CampaignRun:
             with contextlib.suppress(AppealMailerError):  # a missed beat is not fatal
                 await self._db(Ledger.heartbeat, run_id)
 
-    def _with_ids(self, recipients: Iterable[Recipient]) -> Iterator[tuple[Recipient, str]]:
+    def _with_ids(self, recipients: Iterable[Listed]) -> Iterator[tuple[Listed, str]]:
         for recipient in recipients:
             yield recipient, self.builder.message_id(self.step, recipient.email)
 

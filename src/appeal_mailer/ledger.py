@@ -27,7 +27,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.sql.compiler import SQLCompiler
 
 from appeal_mailer.errors import LedgerError
-from appeal_mailer.models import DeliveryResult, Recipient, State
+from appeal_mailer.models import DeliveryResult, Listed, Recipient, State
 
 # The schema this release writes. A ledger made by an older release is brought up to
 # it on open by _MIGRATIONS (see Ledger._migrate); one made by a newer one is refused.
@@ -304,7 +304,7 @@ class Ledger:
         campaign: str,
         step: str,
         run_id: int,
-        items: Iterable[tuple[Recipient, str]],
+        items: Iterable[tuple[Recipient | Listed, str]],
         *,
         state: State = State.PENDING,
         reply: str | None = None,

@@ -7,7 +7,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
 _EMPTY: Mapping[str, str] = MappingProxyType({})
 
@@ -106,6 +106,22 @@ def _recipient(  # noqa: PLR0917  # Recipient's fields, as pickle passes them
     fields: dict[str, str],
 ) -> Recipient:
     return Recipient(email, line, name, organization, language, timezone, MappingProxyType(fields))
+
+
+class Listed(NamedTuple):
+    """A checked recipient as the ledger records it: address, list line, Recipient.data_json.
+
+    What a run loads into the ledger, read from its spool as it was written: the
+    data stays JSON, never decoded into a Recipient only to be encoded again, and
+    crosses to the ledger's process as a plain tuple.
+    """
+
+    email: str
+    line: int
+    data: str
+
+    def data_json(self) -> str:
+        return self.data
 
 
 @dataclass(frozen=True, slots=True)
