@@ -151,6 +151,12 @@ class DueRow:
     message_id: str
     attempts: int
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # As a constructor call: a slots dataclass's own pickling goes through
+        # fields() for every row, and each page of due rows crosses from the
+        # ledger's process (ledger_process.py).
+        return (DueRow, (self.row_id, self.recipient, self.message_id, self.attempts))
+
 
 @dataclass(frozen=True, slots=True)
 class FollowUp:

@@ -172,6 +172,14 @@ class DeliveryResult:
     code: int | None = None
     reply: str | None = None
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # As a constructor call, cheaper than a slots dataclass's own pickling:
+        # every result crosses to the ledger's process (ledger_process.py).
+        return (
+            DeliveryResult,
+            (self.row_id, self.recipient, self.state, self.attempts, self.code, self.reply),
+        )
+
     def __str__(self) -> str:
         said = f": {self.code} {self.reply}" if self.code is not None else ""
         reply = said or (f": {self.reply}" if self.reply else "")
