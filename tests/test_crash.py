@@ -142,7 +142,7 @@ class Mailer:
         list_path: Path,
         folder: Path,
         children: list[subprocess.Popen[bytes]],
-        ledger: LedgerView,
+        ledger: LedgerView | None,
     ) -> None:
         self.config = config
         self.list_path = list_path
@@ -198,7 +198,8 @@ class Mailer:
         os.kill(process.pid, sig)
         if sig == signal.SIGKILL:
             process.wait(timeout=30)
-            self.ledger.settle()
+            if self.ledger is not None:
+                self.ledger.settle()
 
     def status(self) -> dict[str, Any]:
         """`status --format json`, which must exit 0 and print one JSON object.
@@ -217,6 +218,7 @@ class Mailer:
         )
         assert result.returncode == 0, result.stderr.decode()
         parsed: dict[str, Any] = json.loads(result.stdout)
+        assert self.ledger is not None, "a Mailer without a LedgerView cannot check status"
         assert parsed["counts"] == self.ledger.counts()
         if not self.ledger.is_sqlite:
             assert list(self.folder.glob("*.db")) == []
@@ -494,6 +496,34 @@ def test_sigterm_stops_cleanly_and_the_next_run_sends_the_rest_once(  # noqa: PL
     assert copies == dict.fromkeys(emails, 1)
 
 
+def _stalled_run(
+    write_config: ConfigWriter,
+    write_list: ListWriter,
+    smtp_server: RecordingServer,
+    mailer_at: Callable[[Path, Path], Mailer],
+) -> tuple[Mailer, list[str]]:
+    """A config and list of 40 whose first message's DATA never gets a reply.
+
+    The server stalls for longer than any test waits, so a first signal alone
+    would wait out [smtp] timeout (set far beyond DEADLINE).
+    """
+    people = _people(40)
+    smtp_server.fail(people[0]["email"], "data", STALL)
+    config = write_config(
+        smtp={"connections": 2, "timeout": 10 * DEADLINE}, sending={"rate": 20, **FAST_RETRIES}
+    )
+    return mailer_at(config, write_list(people)), [p["email"] for p in people]
+
+
+def _first_signal_taken(mailer: Mailer, process: subprocess.Popen[bytes], name: str) -> bool:
+    return _wait(
+        lambda: f"{name}: stopping" in mailer.output(process),
+        process,
+        f"the {name} to be taken",
+        poll=0.01,
+    )
+
+
 def test_a_second_ctrl_c_ends_the_run_at_once_and_the_next_run_finishes_it(  # noqa: PLR0917  # pytest fixtures
     write_config: ConfigWriter,
     write_list: ListWriter,
@@ -502,37 +532,102 @@ def test_a_second_ctrl_c_ends_the_run_at_once_and_the_next_run_finishes_it(  # n
     children: list[subprocess.Popen[bytes]],
     ledger_view: LedgerView,
 ) -> None:
-    """The first Ctrl-C waits for the messages in flight; a second one does not wait.
+    """The first Ctrl-C waits for the messages in flight, and says so; a second does not wait.
 
-    One message's DATA never gets its reply (the server stalls for longer than
-    this test waits), so the first Ctrl-C alone would wait out [smtp] timeout.
     The second ends the process (exit 130, as a shell reports an interrupt);
     the next run marks what was in flight unknown and sends the rest, once.
     """
-    people = _people(40)
-    emails = [p["email"] for p in people]
-    stalled = emails[0]
-    smtp_server.fail(stalled, "data", STALL)
-    config = write_config(
-        smtp={"connections": 2, "timeout": 10 * DEADLINE},
-        sending={"rate": 20, **FAST_RETRIES},
-        ledger=ledger_view.config(),
+    mailer, emails = _stalled_run(
+        lambda **sections: write_config(**sections, ledger=ledger_view.config()),
+        write_list,
+        smtp_server,
+        lambda config, people: Mailer(config, people, tmp_path, children, ledger_view),
     )
-    mailer = Mailer(config, write_list(people), tmp_path, children, ledger_view)
     process = mailer.start()
     assert _wait(_messages(smtp_server, 5), process, "5 messages", poll=0.005)
     mailer.kill(process, signal.SIGINT)
-    time.sleep(0.5)  # not a measurement: two signals at once would be taken as one
-    assert process.poll() is None, "the first SIGINT alone must wait for the stalled message"
+    assert _first_signal_taken(mailer, process, "SIGINT"), mailer.output(process)
+    assert "Ctrl-C again to stop at once" in mailer.output(process)
     mailer.kill(process, signal.SIGINT)
     assert mailer.finish(process) == 130, mailer.output(process)
-    assert "interrupted again" in mailer.output(process)
+    assert "interrupted again by SIGINT: stopped at once" in mailer.output(process)
     ledger_view.settle()
     rest = mailer.start()
     assert mailer.finish(rest) in (0, 3), mailer.output(rest)
     unknown, copies = _check_record(smtp_server, mailer.status(), emails)
-    assert stalled in unknown
+    assert emails[0] in unknown
     assert all(count == 1 for email, count in copies.items() if email not in unknown)
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [(signal.SIGINT, signal.SIGTERM), (signal.SIGTERM, signal.SIGINT)],
+    ids=["int-then-term", "term-then-int"],
+)
+def test_either_signal_after_the_other_is_the_second(  # noqa: PLR0917  # pytest fixtures
+    write_config: ConfigWriter,
+    write_list: ListWriter,
+    smtp_server: RecordingServer,
+    tmp_path: Path,
+    children: list[subprocess.Popen[bytes]],
+    first: signal.Signals,
+    second: signal.Signals,
+) -> None:
+    """Ctrl-C after a TERM (or a TERM after Ctrl-C) ends the run at once: 128 + the second."""
+    mailer, _ = _stalled_run(
+        write_config,
+        write_list,
+        smtp_server,
+        lambda config, people: Mailer(config, people, tmp_path, children, None),
+    )
+    process = mailer.start()
+    assert _wait(_messages(smtp_server, 5), process, "5 messages", poll=0.005)
+    mailer.kill(process, first)
+    assert _first_signal_taken(mailer, process, first.name), mailer.output(process)
+    mailer.kill(process, second)
+    assert mailer.finish(process) == 128 + second, mailer.output(process)
+
+
+def test_a_second_ctrl_c_ends_the_run_even_when_stderr_is_gone(
+    write_config: ConfigWriter,
+    write_list: ListWriter,
+    smtp_server: RecordingServer,
+    tmp_path: Path,
+    children: list[subprocess.Popen[bytes]],
+) -> None:
+    """`send ... 2>&1 | tee log`: Ctrl-C kills tee too; the second Ctrl-C must still end the run.
+
+    Its stderr is a pipe whose reader has gone (EPIPE): nothing it writes there
+    may keep it from leaving.
+    """
+    mailer, _ = _stalled_run(
+        write_config,
+        write_list,
+        smtp_server,
+        lambda config, people: Mailer(config, people, tmp_path, children, None),
+    )
+    reader, writer = os.pipe()
+    with (tmp_path / "out.txt").open("wb") as out:
+        process = subprocess.Popen(
+            mailer.command("send", str(mailer.list_path), "--yes"),
+            stdout=out,
+            stderr=writer,
+            cwd=tmp_path,
+            env=mailer.env,
+        )
+    children.append(process)
+    os.close(writer)
+    try:
+        assert _wait(_messages(smtp_server, 5), process, "5 messages", poll=0.005)
+    finally:
+        os.close(reader)  # tee, gone
+    os.kill(process.pid, signal.SIGINT)
+    # Its "stopping" line cannot be read back (stderr is gone): a pause, so that
+    # the two signals are not taken as one. Not a measurement.
+    time.sleep(1.0)
+    assert process.poll() is None, "the first SIGINT alone must wait for the stalled message"
+    os.kill(process.pid, signal.SIGINT)
+    assert process.wait(timeout=DEADLINE) == 130
 
 
 def test_a_run_whose_process_is_gone_is_dead_at_once_but_only_on_its_own_host(

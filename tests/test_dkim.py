@@ -1306,6 +1306,36 @@ def test_check_finds_the_key_among_other_txt_records_and_spaces_in_p(
     assert f"dkim: {DNS_NAME} publishes this key" in result.output
 
 
+def test_check_takes_the_key_published_in_pkcs1_form_as_this_key(
+    run_cli: CliRun,
+    write_config: ConfigWriter,
+    key_file: Path,
+    rsa_2048: rsa.RSAPrivateKey,
+    loopback_dns: LoopbackDns,
+) -> None:
+    """p= as a bare PKCS #1 RSAPublicKey, which verifiers accept, is the same key: ok."""
+    write_config(dkim=dkim_section())
+    der = rsa_2048.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.PKCS1
+    )
+    record = f"v=DKIM1; k=rsa; p={base64.b64encode(der).decode()}"
+    loopback_dns.publish(DNS_NAME, [record[i : i + 255] for i in range(0, len(record), 255)])
+    result = run_cli("check", "--no-smtp")
+    assert result.exit_code == 0, result.output
+    assert f"dkim: {DNS_NAME} publishes this key" in result.output
+
+
+def test_check_does_not_take_a_wildcards_dmarc_record_for_a_key(
+    run_cli: CliRun, write_config: ConfigWriter, key_file: Path, loopback_dns: LoopbackDns
+) -> None:
+    """A TXT record whose v= is not DKIM1 (a wildcard's DMARC) is no key: nothing published."""
+    write_config(dkim=dkim_section())
+    loopback_dns.publish(DNS_NAME, ["v=DMARC1; p=none"])
+    result = run_cli("check", "--no-smtp")
+    assert result.exit_code == 0, result.output
+    assert f"dkim: warning: nothing is published at {DNS_NAME} yet" in result.output
+
+
 def test_check_says_dkim_is_off_without_a_dkim_section(
     run_cli: CliRun, loopback_dns: LoopbackDns
 ) -> None:
@@ -1371,15 +1401,24 @@ async def test_the_signing_child_keeps_none_of_the_runs_descriptors_open(
 async def test_closing_kills_a_signing_child_that_does_not_exit(
     signer: Signer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A child that cannot see the socket close (stopped) is killed, not waited for forever."""
+    """A child that no longer reads (stopped) is killed, not waited for for ever.
+
+    With more asked of it than the socket buffers hold: a close that waited
+    for those to be written would never return.
+    """
     monkeypatch.setattr(signing, "_EXIT_SECONDS", 0.2)
     process = await SigningProcess.start(signer)
     assert process is not None
     (child,) = _signing_children()
     assert child.pid is not None
     os.kill(child.pid, signal.SIGSTOP)
+    asked = [process.rsa(bytes([i % 256]) * 2000) for i in range(400)]
+    await asyncio.sleep(0.05)  # let the loop try to write them: they stay buffered
     await asyncio.wait_for(process.close(), DEADLINE)
     assert child.exitcode == -signal.SIGKILL
+    for future in asked:
+        with pytest.raises(AppealMailerError):
+            await future
 
 
 async def test_a_dead_signing_process_fails_what_is_asked_with_a_hint(signer: Signer) -> None:

@@ -567,7 +567,12 @@ class CampaignRun:
         # holds no copy of a socket the server should see closed, and no lock.
         signing = await SigningProcess.start(self.signer) if self.signer is not None else None
         if progress is not None:
-            progress.start(todo)
+            try:
+                progress.start(todo)
+            except BaseException:
+                if signing is not None:
+                    await signing.close()
+                raise
         feed: asyncio.Queue[_Job | None] = asyncio.Queue(maxsize=_CLAIM_BATCH * 2)
         ready: asyncio.Queue[_Job | None] = asyncio.Queue()
         results: asyncio.Queue[tuple[DeliveryResult, str | None] | None] = asyncio.Queue()

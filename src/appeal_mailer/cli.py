@@ -498,7 +498,7 @@ def _check_dkim(settings: Settings) -> None:
             f"dkim: warning: nothing is published at {name} yet: until the record above is, "
             "receivers cannot check the signatures"
         )
-    elif signer.public_key in published:
+    elif any(signer.is_mine(key) for key in published):
         click.echo(f"dkim: {name} publishes this key")
     else:
         revoked = "" in published
@@ -752,30 +752,52 @@ def _walk(folder: Any, prefix: Path = Path()) -> Iterator[tuple[Any, Path]]:
 
 async def _run_with_signals(run: Any, preflight: Any, progress: Any) -> Any:
     # Ctrl-C or a TERM from cron/systemd: stop taking new messages, finish and
-    # record those in flight, then report. A second Ctrl-C is not needed.
+    # record those in flight, then report. A second one (either) does not wait.
     loop = asyncio.get_running_loop()
+    signals = (signal.SIGINT, signal.SIGTERM)
 
     def first_signal(sig: signal.Signals) -> None:
         run.stop(f"interrupted by {sig.name}")
-        loop.add_signal_handler(sig, second_signal, sig)
+        _say(
+            f"\n{sig.name}: stopping; the messages in flight are finished and recorded "
+            "(Ctrl-C again to stop at once)\n"
+        )
+        for each in signals:
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(each, second_signal, each)
 
     def second_signal(sig: signal.Signals) -> None:
         # A second one does not wait (a server that stalls would hold the first for
         # [smtp] timeout): the process ends now, as the shell reports an interrupt
         # (128 + the signal). Rows in flight stay `sending`; the next run marks them
         # unknown, never re-sent. Its children see the socket close and end too.
-        # Written straight to the descriptor: the process leaves without cleanup.
-        os.write(
-            sys.stderr.fileno(),
-            f"\ninterrupted again by {sig.name}: stopped at once; the next run marks the "
-            "messages that were in flight unknown (`status` lists them)\n".encode(),
-        )
-        os._exit(128 + sig)
+        # The process leaves without cleanup: the progress bar's hidden cursor is
+        # shown again here, and nothing may keep it from leaving (a closed stderr).
+        try:
+            if sys.stderr.isatty():
+                _say("\x1b[?25h")
+            if run.dry_run:
+                _say(
+                    f"\ninterrupted again by {sig.name}: stopped at once; the preview is partial\n"
+                )
+            else:
+                _say(
+                    f"\ninterrupted again by {sig.name}: stopped at once; the next run marks "
+                    "the messages that were in flight unknown (`status` lists them)\n"
+                )
+        finally:
+            os._exit(128 + sig)
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in signals:
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, first_signal, sig)
     return await run.run(preflight, progress)
+
+
+def _say(text: str) -> None:
+    """`text` on stderr, written at once (in a signal's handler); failing quietly."""
+    with contextlib.suppress(OSError, ValueError):  # stderr closed, a pipe gone
+        os.write(sys.stderr.fileno(), text.encode())
 
 
 def _run(coroutine: Coroutine[Any, Any, T]) -> T:

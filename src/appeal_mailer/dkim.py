@@ -13,6 +13,7 @@ own, over generated names, subjects and bodies.
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import re
 import time
@@ -128,11 +129,29 @@ class Signer:
             # RFC 6376 3.6.2.2: a record's strings are joined without spaces.
             text = b"".join(record.strings).decode("ascii", "replace")
             tags = {
-                key.strip(): value for key, _, value in (t.partition("=") for t in text.split(";"))
+                key.strip(): value.strip()
+                for key, _, value in (t.partition("=") for t in text.split(";"))
             }
-            if "p" in tags:
+            # RFC 6376 3.6.1: v=, if there, is DKIM1; other TXT records (SPF, a
+            # wildcard's DMARC record) are not keys.
+            if "p" in tags and tags.get("v", "DKIM1") == "DKIM1":
                 keys.append("".join(tags["p"].split()))
         return keys, None
+
+    def is_mine(self, published: str) -> bool:
+        """Whether a record's p= is this key's public half, in whichever DER form it is.
+
+        Compared as numbers, not as text: RFC 6376 3.6.1's wording also admits
+        a bare PKCS #1 RSAPublicKey, which verifiers accept (dkimpy does).
+        """
+        try:
+            key = serialization.load_der_public_key(base64.b64decode(published, validate=True))
+        except (ValueError, UnsupportedAlgorithm, binascii.Error):
+            return False
+        return (
+            isinstance(key, rsa.RSAPublicKey)
+            and key.public_numbers() == self._key.public_key().public_numbers()
+        )
 
     def sign(self, message: bytes) -> bytes:
         """`message` with a DKIM-Signature field on top.

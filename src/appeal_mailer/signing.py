@@ -42,7 +42,7 @@ from appeal_mailer.ledger_process import FRAME_HEADER, FRAME_PICKLE, read_exactl
 _BATCH = 16
 # How long a closed child may take to exit before it is killed.
 _EXIT_SECONDS = 10.0
-# Above every descriptor the run can have open (os.closerange closes what is open).
+# Above every descriptor the run can have open, where /proc cannot list them.
 _MAX_FD = os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 1 << 16
 
 
@@ -153,32 +153,57 @@ class _Link(asyncio.Protocol):
             self._closed.set_result(None)
 
     async def close(self) -> None:
+        # abort, not close: close waits until what is buffered is written, and a
+        # child that no longer reads (stopped, stuck) would hold the run for ever.
+        # Signatures still asked are not needed any more.
         if self._transport is not None and not self._transport.is_closing():
-            self._transport.close()
+            self._transport.abort()
         await self._closed
 
 
 def _serve(sock: socket.socket, parents_end: socket.socket, signer: Signer) -> None:
     """The child: sign each batch the run sends, in order, until the socket closes."""
-    # See the module's docstring: the run decides when signing ends.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    # The event loop's: a signal here must not wake the run's loop.
-    signal.set_wakeup_fd(-1)
-    parents_end.close()  # or the socket would never see EOF when the run dies
-    # Nothing of the run's stays open here but the standard streams: not the ledger's
-    # socket (its child must see EOF when the run dies), not the event loop's.
-    keep = sock.fileno()
-    os.closerange(3, keep)
-    os.closerange(keep + 1, _MAX_FD)
-    with contextlib.suppress(EOFError, OSError):  # the run is gone, or done
-        while True:
-            batch = _read_frame(sock)
-            data = pickle.dumps([signer.rsa(signed) for signed in batch], FRAME_PICKLE)
-            sock.sendall(FRAME_HEADER.pack(len(data)) + data)
-    # Out at once: a normal exit would flush this copy of the run's stdout buffer,
-    # and print again what the run had printed but not yet flushed when it forked.
-    os._exit(0)
+    status = 1  # a failure of its own: the run sees the socket close, and stops
+    try:
+        # See the module's docstring: the run decides when signing ends.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        # The event loop's: a signal here must not wake the run's loop.
+        signal.set_wakeup_fd(-1)
+        parents_end.close()  # or the socket would never see EOF when the run dies
+        _close_inherited(keep=sock.fileno())
+        with contextlib.suppress(EOFError, OSError):  # the run is gone, or done
+            while True:
+                batch = _read_frame(sock)
+                data = pickle.dumps([signer.rsa(signed) for signed in batch], FRAME_PICKLE)
+                sock.sendall(FRAME_HEADER.pack(len(data)) + data)
+        status = 0
+    finally:
+        # Out at once, whatever happened: a normal exit would flush this copy of the
+        # run's stdout buffer, and print again what the run had printed but not yet
+        # flushed when it forked.
+        os._exit(status)
+
+
+def _close_inherited(keep: int) -> None:
+    """Close every descriptor but `keep` and the standard streams.
+
+    Not the ledger's socket (its child must see EOF when the run dies), not an
+    SMTP session's, not the event loop's. The open ones are listed in /proc
+    where there is one: os.closerange up to the limit of open files costs one
+    close() per possible descriptor where CPython was built without
+    close_range(2), about 95 s for a container's limit of 2**30.
+    """
+    try:
+        open_fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:  # no /proc: every possible one
+        os.closerange(3, keep)
+        os.closerange(keep + 1, _MAX_FD)
+        return
+    for fd in open_fds:
+        if fd > 2 and fd != keep:  # listdir's own is closed already: EBADF
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 def _read_frame(sock: socket.socket) -> list[bytes]:
