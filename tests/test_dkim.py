@@ -1336,6 +1336,25 @@ def test_check_does_not_take_a_wildcards_dmarc_record_for_a_key(
     assert f"dkim: warning: nothing is published at {DNS_NAME} yet" in result.output
 
 
+@pytest.mark.parametrize(("mode", "warns"), [(0o600, False), (0o640, True), (0o644, True)])
+def test_check_warns_when_other_users_can_read_the_key_file(  # noqa: PLR0917  # pytest fixtures
+    run_cli: CliRun,
+    write_config: ConfigWriter,
+    key_file: Path,
+    loopback_dns: LoopbackDns,
+    mode: int,
+    warns: bool,
+) -> None:
+    """Whoever can read the key signs as the domain: a group- or world-readable file is named."""
+    write_config(dkim=dkim_section())
+    key_file.chmod(mode)
+    result = run_cli("check", "--no-smtp")
+    assert result.exit_code == 0, result.output
+    warning = f"dkim: warning: {key_file} can be read by other users (mode {mode:03o})"
+    assert (warning in result.output) is warns
+    assert (f"chmod 600 {key_file}" in result.output) is warns
+
+
 def test_check_says_dkim_is_off_without_a_dkim_section(
     run_cli: CliRun, loopback_dns: LoopbackDns
 ) -> None:

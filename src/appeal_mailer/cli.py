@@ -486,6 +486,15 @@ def _check_dkim(settings: Settings) -> None:
     click.echo(
         f"dkim: signing as d={signer.domain} s={signer.selector}, RSA key of {signer.bits} bits"
     )
+    key_file = settings.dkim.private_key_file
+    if settings.dkim.private_key is None and key_file is not None and os.name == "posix":
+        # Whoever can read the key can sign mail as the campaign's domain.
+        mode = key_file.stat().st_mode & 0o777
+        if mode & 0o077:
+            click.echo(
+                f"dkim: warning: {key_file} can be read by other users (mode {mode:03o}): "
+                f"chmod 600 {key_file}"
+            )
     name, record = signer.dns_record()
     # Quoted in pieces of at most 255 characters: one TXT string's limit (RFC 1035 3.3.14).
     pieces = " ".join(f'"{record[i : i + 255]}"' for i in range(0, len(record), 255))
