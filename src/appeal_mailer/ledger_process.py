@@ -36,25 +36,19 @@ import contextlib
 import functools
 import multiprocessing
 import os
-import pickle
 import signal
 import socket
-import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 from appeal_mailer.errors import AppealMailerError, LedgerError
+from appeal_mailer.frames import frame, read_frame, take_frames, write_frame
 from appeal_mailer.ledger import Durability, Ledger
 
 P = ParamSpec("P")
 T = TypeVar("T")
 LedgerCall = Callable[Concatenate[Ledger, P], T]
-
-# Each message on the socket: its length, then a pickle (our own two processes
-# write and read these, nothing else can reach the socket pair).
-FRAME_HEADER = struct.Struct("!Q")
-FRAME_PICKLE = pickle.HIGHEST_PROTOCOL
 
 
 class LocalLedger:
@@ -165,8 +159,8 @@ class LedgerProcess:
 
     def _call_by_name(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         try:
-            _write_frame(self._sock, (name, args, kwargs))
-            ok, value = _read_frame(self._sock)
+            write_frame(self._sock, (name, args, kwargs))
+            ok, value = read_frame(self._sock)
         except (EOFError, OSError) as exc:
             raise _ended(self.location, exc) from exc
         if not ok:
@@ -198,9 +192,8 @@ class _Link(asyncio.Protocol):
         if self._failed is not None or self._transport is None:
             future.set_exception(self._failed or _ended(self._location, EOFError()))
             return future
-        data = pickle.dumps((name, args, kwargs), FRAME_PICKLE)
         # Buffered by the transport, never blocking the loop.
-        self._transport.write(FRAME_HEADER.pack(len(data)) + data)
+        self._transport.write(frame((name, args, kwargs)))
         self._waiting.append(future)
         self._drained.clear()
         return future
@@ -271,7 +264,7 @@ def _serve(
     try:
         while True:
             try:
-                name, args, kwargs = _read_frame(sock)
+                name, args, kwargs = read_frame(sock)
             except (EOFError, OSError):
                 return  # the sender is gone
             if os.getppid() != sender:
@@ -279,59 +272,25 @@ def _serve(
                 # nothing more for a run that the next run already takes for dead.
                 return
             if ledger is None:
-                _write_frame(sock, (False, _portable(failure, "[ledger]")))
+                write_frame(sock, (False, _portable(failure, "[ledger]")))
                 return
             if name == "close":
-                _write_frame(sock, (True, None))
+                write_frame(sock, (True, None))
                 return
             if name == "location":
-                _write_frame(sock, (True, ledger.location))
+                write_frame(sock, (True, ledger.location))
                 continue
             try:
                 value = getattr(Ledger, name)(ledger, *args, **kwargs)
             except Exception as exc:  # every error goes back to the caller, who decides
-                _write_frame(sock, (False, _portable(exc, ledger.location)))
+                write_frame(sock, (False, _portable(exc, ledger.location)))
                 continue
-            _write_frame(sock, (True, value))
+            write_frame(sock, (True, value))
     except OSError:
         return  # the sender went away while this answered (a second Ctrl-C, a kill)
     finally:
         if ledger is not None:
             ledger.close()
-
-
-def _write_frame(sock: socket.socket, value: Any) -> None:
-    data = pickle.dumps(value, FRAME_PICKLE)
-    sock.sendall(FRAME_HEADER.pack(len(data)) + data)
-
-
-def take_frames(buffer: bytearray) -> Iterator[Any]:
-    """Each whole frame at the start of `buffer`, unpickled; each is removed as it is taken."""
-    while len(buffer) >= FRAME_HEADER.size:
-        (size,) = FRAME_HEADER.unpack_from(buffer)
-        end = FRAME_HEADER.size + size
-        if len(buffer) < end:
-            return
-        value = pickle.loads(buffer[FRAME_HEADER.size : end])  # noqa: S301  # see FRAME_HEADER
-        del buffer[:end]
-        yield value
-
-
-def _read_frame(sock: socket.socket) -> Any:
-    (size,) = FRAME_HEADER.unpack(read_exactly(sock, FRAME_HEADER.size))
-    return pickle.loads(read_exactly(sock, size))  # noqa: S301  # see FRAME_HEADER
-
-
-def read_exactly(sock: socket.socket, size: int) -> bytes:
-    data = bytearray(size)
-    view = memoryview(data)
-    got = 0
-    while got < size:
-        n = sock.recv_into(view[got:])
-        if n == 0:
-            raise EOFError
-        got += n
-    return bytes(data)
 
 
 def _ended(location: str, exc: BaseException) -> LedgerError:

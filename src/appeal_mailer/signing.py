@@ -25,18 +25,13 @@ import collections
 import contextlib
 import multiprocessing
 import os
-import pickle
 import signal
 import socket
 from typing import Any, cast
 
 from appeal_mailer.dkim import Signer
 from appeal_mailer.errors import AppealMailerError
-
-# The ledger's process frames its socket the same way: each message its
-# length, then a pickle, here of a list of bytes (our own two processes write
-# and read these, nothing else can reach the pair).
-from appeal_mailer.ledger_process import FRAME_HEADER, FRAME_PICKLE, read_exactly, take_frames
+from appeal_mailer.frames import frame, read_frame, take_frames, write_frame
 
 # At most this many signatures asked in one message (5 ms of the child's work).
 _BATCH = 16
@@ -131,9 +126,8 @@ class _Link(asyncio.Protocol):
                 if not future.done():
                     future.set_exception(self._failed or _ended(EOFError()))
             return
-        data = pickle.dumps([signed for signed, _ in asked], FRAME_PICKLE)
         # Buffered by the transport, never blocking the loop.
-        self._transport.write(FRAME_HEADER.pack(len(data)) + data)
+        self._transport.write(frame([signed for signed, _ in asked]))
         self._waiting.append([future for _, future in asked])
 
     def data_received(self, data: bytes) -> None:
@@ -174,9 +168,8 @@ def _serve(sock: socket.socket, parents_end: socket.socket, signer: Signer) -> N
         _close_inherited(keep=sock.fileno())
         with contextlib.suppress(EOFError, OSError):  # the run is gone, or done
             while True:
-                batch = _read_frame(sock)
-                data = pickle.dumps([signer.rsa(signed) for signed in batch], FRAME_PICKLE)
-                sock.sendall(FRAME_HEADER.pack(len(data)) + data)
+                batch: list[bytes] = read_frame(sock)
+                write_frame(sock, [signer.rsa(signed) for signed in batch])
         status = 0
     finally:
         # Out at once, whatever happened: a normal exit would flush this copy of the
@@ -204,12 +197,6 @@ def _close_inherited(keep: int) -> None:
         if fd > 2 and fd != keep:  # listdir's own is closed already: EBADF
             with contextlib.suppress(OSError):
                 os.close(fd)
-
-
-def _read_frame(sock: socket.socket) -> list[bytes]:
-    (size,) = FRAME_HEADER.unpack(read_exactly(sock, FRAME_HEADER.size))
-    batch: list[bytes] = pickle.loads(read_exactly(sock, size))  # noqa: S301  # see FRAME_HEADER
-    return batch
 
 
 def _ended(exc: BaseException) -> AppealMailerError:
