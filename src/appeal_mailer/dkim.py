@@ -31,8 +31,9 @@ from appeal_mailer.errors import ConfigError
 # RFC 8301 3.2: signers MUST use RSA keys of at least 1024 bits, SHOULD use 2048.
 MIN_BITS = 1024
 _NOT_RSA = "the DKIM key is not an RSA key: appeal-mailer signs with rsa-sha256"
-_WSP_RUN = re.compile(rb"[ \t]+")
-# The runs that canonicalizing changes: single spaces, most of a body's, stay.
+_MAKE_ONE = "make one with: openssl genrsa -out dkim.pem 2048"
+# The runs of WSP that relaxed canonicalization changes: single spaces, most of
+# a text's, stay as they are.
 _WSP_TO_SPACE = re.compile(rb"\t[ \t]*| [ \t]+")
 # Where one header field ends: a CRLF not followed by folding whitespace (RFC 5322 2.2.3).
 _FIELD_END = re.compile(rb"\r\n(?![ \t])")
@@ -166,8 +167,8 @@ class Signer:
     def prepare(self, message: bytes) -> Unsigned:
         """Everything but the RSA signature: `rsa(...signed)`, then `finish`.
 
-        In two halves so that a run can do the RSA part, which releases the GIL,
-        on other threads while this one prepares the next messages.
+        In two halves so that a run can have the RSA part done by another
+        process (signing.py) while it prepares the next messages.
         """
         end = message.find(b"\r\n\r\n")
         head, body = message[: end + 2], message[end + 4 :]
@@ -235,14 +236,11 @@ def load_key(pem: bytes, where: Path, key: str | None) -> rsa.RSAPrivateKey:
             "store it without one, readable only by this user: openssl rsa -in KEY -out dkim.pem",
         ) from exc
     except UnsupportedAlgorithm as exc:  # a kind of key OpenSSL cannot load (SM2, odd curves)
-        raise error(_NOT_RSA, "make one with: openssl genrsa -out dkim.pem 2048") from exc
+        raise error(_NOT_RSA, _MAKE_ONE) from exc
     except (ValueError, UnicodeError) as exc:
-        raise error(
-            "not a PEM private key",
-            "make one with: openssl genrsa -out dkim.pem 2048",
-        ) from exc
+        raise error("not a PEM private key", _MAKE_ONE) from exc
     if not isinstance(loaded, rsa.RSAPrivateKey):
-        raise error(_NOT_RSA, "make one with: openssl genrsa -out dkim.pem 2048")
+        raise error(_NOT_RSA, _MAKE_ONE)
     if loaded.key_size < MIN_BITS:
         raise error(
             f"the DKIM key has {loaded.key_size} bits: RFC 8301 requires at least {MIN_BITS}",
@@ -255,7 +253,7 @@ def _relaxed_field(field: bytes) -> bytes:
     # RFC 6376 3.4.2: name in lower case; unfolded; runs of WSP as one SP; no WSP
     # at the end of the value or around the colon.
     name, _, value = field.partition(b":")
-    value = _WSP_RUN.sub(b" ", value.replace(b"\r\n", b"")).strip(b" ")
+    value = _WSP_TO_SPACE.sub(b" ", value.replace(b"\r\n", b"")).strip(b" ")
     return name.rstrip(b" \t").lower() + b":" + value + b"\r\n"
 
 
