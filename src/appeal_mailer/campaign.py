@@ -547,7 +547,6 @@ class CampaignRun:
 
     async def _deliver(self, run_id: int, report: RunReport, progress: Progress | None) -> None:
         campaign = self.settings.campaign.id
-        connections = self.transport.connections
         # A remind of a campaign's own step only retries, and sends what a send window
         # held back: the rest of its pending rows are for `send` (its list) to send.
         held_only = self.remind is not None and not self.remind.adds_rows
@@ -566,13 +565,27 @@ class CampaignRun:
         # here, before any SMTP connection or thread (the progress bar's) exists: it
         # holds no copy of a socket the server should see closed, and no lock.
         signing = await SigningProcess.start(self.signer) if self.signer is not None else None
+        try:
+            await self._pipeline(run_id, report, progress, scope, states, todo, signing)
+        finally:
+            # Signatures not taken (the run stopped) are dropped; their rows stay due.
+            if signing is not None:
+                await signing.close()
+
+    async def _pipeline(  # noqa: PLR0917  # what _deliver found due, passed on as it is
+        self,
+        run_id: int,
+        report: RunReport,
+        progress: Progress | None,
+        scope: DueScope,
+        states: tuple[State, ...],
+        todo: int,
+        signing: SigningProcess | None,
+    ) -> None:
+        """Deliver the `todo` rows due in `scope`: render, claim, send, record."""
+        connections = self.transport.connections
         if progress is not None:
-            try:
-                progress.start(todo)
-            except BaseException:
-                if signing is not None:
-                    await signing.close()
-                raise
+            progress.start(todo)
         feed: asyncio.Queue[_Job | None] = asyncio.Queue(maxsize=_CLAIM_BATCH * 2)
         ready: asyncio.Queue[_Job | None] = asyncio.Queue()
         results: asyncio.Queue[tuple[DeliveryResult, str | None] | None] = asyncio.Queue()
@@ -779,12 +792,7 @@ class CampaignRun:
 
         # Only now, with something to send: a wrong password or a server without
         # STARTTLS stops the run here, before any message.
-        try:
-            await self.transport.open()
-        except BaseException:
-            if signing is not None:
-                await signing.close()
-            raise
+        await self.transport.open()
         recorder = asyncio.create_task(record())
 
         def recorder_ended(task: asyncio.Task[None]) -> None:
@@ -815,9 +823,6 @@ class CampaignRun:
                 self.stop(str(exc), exc)
             except Exception:  # noqa: S110  # QUIT failing says nothing about a message
                 pass
-            # Signatures not taken (the run stopped) are dropped; their rows stay due.
-            if signing is not None:
-                await signing.close()
             if unsent:
                 await self._db(Ledger.release, unsent, run_id)
                 report.released += len(unsent)
