@@ -128,11 +128,8 @@ class SMTPTransport:
             reply = await self._attempt(envelope)
         except TransientDeliveryError as exc:
             return await self._retry(envelope, attempts_allowed, exc)
-        except PermanentDeliveryError as exc:
-            return _result(envelope, State.FAILED, 1, exc)
         except DeliveryError as exc:
-            # Only an error after the final "." is neither transient nor permanent.
-            return _result(envelope, State.UNKNOWN, 1, exc)
+            return _result(envelope, 1, exc)
         self._limiter.succeeded()
         return _sent(envelope, 1, reply)
 
@@ -167,14 +164,10 @@ class SMTPTransport:
                     # A retry is one more message to that domain: paced as such.
                     await self._limiter.acquire(domain)
                     reply = await self._attempt(envelope)
-        except TransientDeliveryError as exc:
-            if attempts == 1:  # not counted yet: no retry was slept before
-                self._limiter.slow_down()
-            return _result(envelope, State.DEFERRED, attempts, exc)
-        except PermanentDeliveryError as exc:
-            return _result(envelope, State.FAILED, attempts, exc)
         except DeliveryError as exc:
-            return _result(envelope, State.UNKNOWN, attempts, exc)
+            if isinstance(exc, TransientDeliveryError) and attempts == 1:
+                self._limiter.slow_down()  # not counted yet: no retry was slept before
+            return _result(envelope, attempts, exc)
         self._limiter.succeeded()
         return _sent(envelope, attempts, reply)
 
@@ -649,14 +642,13 @@ def _write_file(path: str, data: bytes) -> None:
     """
     fd = os.open(path, _CREATE, 0o666)
     try:
-        written = os.write(fd, data)
-        if written < len(data):  # a short write: rare for a regular file (the disk filling)
-            view = memoryview(data)
-            while written < len(data):
-                more = os.write(fd, view[written:])
-                if more == 0:
-                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
-                written += more
+        # One write, but for a short one (rare for a regular file: the disk filling).
+        view, written = memoryview(data), 0
+        while written < len(data):
+            more = os.write(fd, view[written:])
+            if more == 0:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+            written += more
     except BaseException:
         # No half a message left to be taken for the whole one.
         os.close(fd)
@@ -726,7 +718,14 @@ def _sent(envelope: Envelope, attempts: int, reply: aiosmtplib.SMTPResponse) -> 
     )
 
 
-def _result(envelope: Envelope, state: State, attempts: int, exc: DeliveryError) -> DeliveryResult:
+def _result(envelope: Envelope, attempts: int, exc: DeliveryError) -> DeliveryResult:
+    """What `exc`, the last attempt's failure, leaves the message: deferred, failed, unknown."""
+    if isinstance(exc, TransientDeliveryError):
+        state = State.DEFERRED
+    elif isinstance(exc, PermanentDeliveryError):
+        state = State.FAILED
+    else:  # only an error after the final "." is neither transient nor permanent
+        state = State.UNKNOWN
     return DeliveryResult(
         row_id=envelope.row_id,
         recipient=envelope.recipient,
