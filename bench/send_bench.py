@@ -31,6 +31,10 @@ for each template (default: appeal, then protest), and prints a table (or JSON
 with --json). Every run is checked: the number of .eml files, the messages
 smtp-sink counted, and the ledger's counts must all equal N.
 
+With --rtt MS every client (smtp-source, mailmerge, appeal-mailer) reaches the
+sink through bench/delay_proxy.py, which holds each way's bytes MS/2 ms: the
+round trips of a server across a network, where they, not CPU, set the pace.
+
 Needs Postfix's test programs (Debian: `apt-get install -y postfix`) and
 appeal-mailer installed in this Python (`pip install -e .`); mailmerge comes
 from PyPI by itself (or pass --skip-mailmerge). See bench/README.md.
@@ -690,6 +694,51 @@ def check_sent(row: Row, *, received: int, sessions: int, counts: dict[str, int]
         row.fail(", ".join(problems) + f"; expected {n} sent")
 
 
+class DelayProxy:
+    """bench/delay_proxy.py in front of smtp-sink: each way `one_way_ms` later (--rtt)."""
+
+    def __init__(self, target: int, one_way_ms: float, workdir: Path, lifetime: float) -> None:
+        self.port = free_port()
+        self._command = [
+            sys.executable,
+            str(Path(__file__).with_name("delay_proxy.py")),
+            str(self.port),
+            str(target),
+            str(one_way_ms),
+        ]
+        timeout = shutil.which("timeout")
+        if timeout:
+            self._command = [timeout, "-k", "5", str(int(lifetime)), *self._command]
+        self._errors = workdir / "delay-proxy.err"
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> DelayProxy:
+        with self._errors.open("wb") as err:
+            self._process = subprocess.Popen(
+                self._command,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                start_new_session=True,
+            )
+        assert self._process.stdout is not None
+        if self._process.stdout.readline().strip() != b"ready":
+            self.__exit__()
+            raise RuntimeError(
+                "the delay proxy did not start: " + self._errors.read_text(errors="replace")
+            )
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        if self._process is not None and self._process.poll() is None:
+            self._process.terminate()
+            try:
+                self._process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
         self.args = args
@@ -704,6 +753,8 @@ class Bench:
         self.time_tool = gnu_time()
         # The first and the last message of a template's dry run (mailmerge's template).
         self.samples: dict[str, list[bytes]] = {}
+        # Where the clients connect: smtp-sink, or the delay proxy in front of it (--rtt).
+        self.target_port = 0
 
     def say(self, text: str) -> None:
         print(text, file=sys.stderr, flush=True)
@@ -775,7 +826,7 @@ class Bench:
             "from@example.org",
             "-t",
             "to@example.org",
-            f"{HOST}:{sink.port}",
+            f"{HOST}:{self.target_port}",
         ]
         # The ceiling: the best of a few runs (one run of a small list lasts a
         # fraction of a second, and a busy machine makes it jitter).
@@ -839,7 +890,9 @@ class Bench:
         ]
         row = Row(f"mailmerge {template}", command, n)
         try:
-            mailmerge_inputs(self.samples.get(template, []), mm_template, mm_config, sink.port)
+            mailmerge_inputs(
+                self.samples.get(template, []), mm_template, mm_config, self.target_port
+            )
         except ValueError as exc:
             # No dry-run messages (it failed), or the appeal stopped being one text for all.
             row.measured = False
@@ -982,7 +1035,6 @@ class Bench:
         self.say(f"writing {args.recipients} subscribers and a config in {self.workdir}")
         write_list(self.list_path, args.recipients, args.seed)
         port = free_port()
-        write_config(self.config, port=port, connections=args.connections, ledger=self.ledger)
         # Installed (or found in the cache) before anything is timed.
         mailmerge: Path | str | None = None
         if args.skip_mailmerge:
@@ -992,8 +1044,21 @@ class Bench:
         else:
             mailmerge = self.install_mailmerge()
         runs = len(args.template) * (2 if args.skip_smtp_source else 2 + SOURCE_REPEATS) + 3
-        with SmtpSink(port, self.workdir, lifetime=self.timeout * runs + 60) as sink:
+        lifetime = self.timeout * runs + 60
+        with contextlib.ExitStack() as stack:
+            sink = stack.enter_context(SmtpSink(port, self.workdir, lifetime=lifetime))
             self.say(f"smtp-sink listening on {HOST}:{port}")
+            self.target_port = port
+            if args.rtt:
+                proxy = DelayProxy(port, args.rtt / 2, self.workdir, lifetime)
+                self.target_port = stack.enter_context(proxy).port
+                self.say(f"delay proxy on {HOST}:{self.target_port}: round trip + {args.rtt:g} ms")
+            write_config(
+                self.config,
+                port=self.target_port,
+                connections=args.connections,
+                ledger=self.ledger,
+            )
             for template in args.template:
                 dry, size = self.dry_run(template)
                 source = None if args.skip_smtp_source else self.smtp_source(sink, template, size)
@@ -1196,6 +1261,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help=f"no mailmerge {MAILMERGE_VERSION} row (nothing installed from PyPI)",
     )
+    parser.add_argument(
+        "--rtt",
+        type=float,
+        default=0,
+        metavar="MS",
+        help="add MS milliseconds to every round trip to the sink (bench/delay_proxy.py), "
+        "as a server across a network would [0]",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     parser.add_argument("--seed", type=int, default=2003, help="seed of the fictional list")
     parser.add_argument(
@@ -1215,6 +1288,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.recipients < 1:
         parser.error("--recipients must be at least 1")
+    if args.rtt < 0:
+        parser.error("--rtt must be 0 or more")
     if not 1 <= args.connections <= 64:
         parser.error("--connections must be 1 to 64 (appeal-mailer's limit)")
     args.template = args.template or ["appeal", "protest"]
@@ -1258,6 +1333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "date": started.isoformat(timespec="seconds"),
         "recipients": args.recipients,
         "connections": args.connections,
+        "added_round_trip_ms": args.rtt,
         "machine": machine(),
         "load_average_1_5_15": {
             "before": [round(x, 2) for x in load_before],
@@ -1272,7 +1348,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         m = info["machine"]
         print(
             f"{command.strip()}\n{info['date']}: {args.recipients} recipients, "
-            f"{args.connections} connections; {m['cpus']} CPUs, Python {m['python']}, "
+            f"{args.connections} connections"
+            + (f", round trip + {args.rtt:g} ms" if args.rtt else "")
+            + f"; {m['cpus']} CPUs, Python {m['python']}, "
             f"Postfix {m['postfix'] or '?'}; load average (1 min) "
             f"{load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after\n"
         )

@@ -38,10 +38,11 @@ from tests.conftest import ConfigWriter, ListWriter
 from tests.smtpd import STALL, RecordingServer
 
 CONNECTIONS = 4
-# Rows a run can hold `sending` at once: per connection one message in flight and
-# one claimed next (campaign.py's `free` semaphore, whose places come back only when
-# a result is durable), so at most this many are unknown after one kill.
-IN_FLIGHT = 2 * CONNECTIONS
+# Rows a run can hold `sending` at once: per connection two messages in flight (the
+# recording server says PIPELINING, so the next envelope follows the data of the one
+# before) and one claimed next (campaign.py's `free` semaphore, whose places come
+# back only when a result is durable), so at most this many are unknown after a kill.
+IN_FLIGHT = 3 * CONNECTIONS
 # No single wait below may take longer: a stuck child fails the test, never hangs it.
 DEADLINE = 60.0
 FAST_RETRIES = {"retry_backoff": 0.01, "retry_max_delay": 0.05}

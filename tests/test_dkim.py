@@ -1494,7 +1494,7 @@ def test_a_send_of_hundreds_of_messages_is_signed_by_the_child(  # noqa: PLR0917
 # -- the signing child killed under a real `send` ---------------------------------------------
 
 # Received before the child is killed. The run holds at most about 220 messages
-# rendered ahead (feed 128, signing ahead 64, claimed 2 x connections), so with
+# rendered ahead (feed 128, signing ahead 64, claimed 3 x connections), so with
 # 800 recipients the child is still needed when it dies.
 KILL_AT = 20
 LIST_SIZE = 800

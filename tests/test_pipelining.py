@@ -17,6 +17,7 @@ from typing import Protocol
 import pytest
 
 from appeal_mailer.config import SendingSettings, SmtpSettings
+from appeal_mailer.errors import ServerError
 from appeal_mailer.models import DeliveryResult, Envelope, State
 from appeal_mailer.ratelimit import RateLimiter
 from appeal_mailer.transport import SMTPTransport
@@ -310,6 +311,189 @@ async def test_a_multiline_final_reply_is_read_whole(scripted: Starter) -> None:
     assert result.reply == "2.0.0 queued as A1\n2.0.0 thank you"
 
 
+# -- the next message's envelope behind the final dot (RFC 2920 3.1) ---------------------
+
+
+async def send_together(transport: SMTPTransport, *envelopes: Envelope) -> list[DeliveryResult]:
+    """Open, then send all at once (as the campaign's workers do), then close."""
+    await transport.open()
+    try:
+        return list(
+            await asyncio.gather(*(transport.send(item, attempts_allowed=1) for item in envelopes))
+        )
+    finally:
+        await transport.close()
+
+
+async def first_then_next_envelope(connection: Connection) -> list[bytes]:
+    """Take message 1's transaction up to its final dot, then the next MAIL, RCPT and DATA.
+
+    Message 1's final reply is not sent yet: a client that waited for it before
+    sending the next envelope would wait here until it timed out.
+    """
+    for _ in range(3):
+        await connection.command()
+    await connection.reply(b"250 sender ok", b"250 recipient ok", b"354 go on")
+    await connection.message()
+    return [await connection.command() for _ in range(3)]
+
+
+async def test_the_next_envelope_follows_the_final_dot_before_its_reply(scripted: Starter) -> None:
+    """With PIPELINING, message 2's MAIL, RCPT and DATA come before message 1's final reply.
+
+    RFC 2920 3.1 lets message content start a group: one round trip a message
+    instead of two, on one session, with every reply still read in order.
+    """
+
+    async def script(connection: Connection, _number: int) -> None:
+        group = await first_then_next_envelope(connection)
+        assert [line.split(b":")[0].upper() for line in group] == [
+            b"MAIL FROM",
+            b"RCPT TO",
+            b"DATA\r\n",
+        ]
+        await connection.reply(b"250 2.0.0 queued 1", b"250 ok", b"250 ok", b"354 go on")
+        await connection.message()
+        await connection.reply(b"250 2.0.0 queued 2")
+        await connection.command()  # QUIT
+        await connection.reply(b"221 bye")
+
+    server = await scripted(script)
+    transport = transport_for(server)
+    first, second = await send_together(
+        transport, envelope(1, "a@example.org"), envelope(2, "b@example.org")
+    )
+    assert transport.in_flight == 2  # one session, two messages in flight on it
+    assert (first.state, first.reply) == (State.SENT, "2.0.0 queued 1"), first
+    assert (second.state, second.reply) == (State.SENT, "2.0.0 queued 2"), second
+    (connection,) = server.connections
+    assert connection.messages == [
+        b"Subject: test 1\r\n\r\nbody 1\r\n",
+        b"Subject: test 2\r\n\r\nbody 2\r\n",
+    ]
+
+
+async def test_a_message_refused_at_its_final_dot_leaves_the_one_behind_it_alone(
+    scripted: Starter,
+) -> None:
+    """Message 1 refused after its data (554): it fails; message 2, already chained, is sent.
+
+    No RSET: the final reply ends the transaction whatever it says (RFC 5321
+    4.1.1.4), and an RSET would land inside message 2's transaction.
+    """
+
+    async def script(connection: Connection, _number: int) -> None:
+        await first_then_next_envelope(connection)
+        await connection.reply(b"554 5.7.1 spam", b"250 ok", b"250 ok", b"354 go on")
+        await connection.message()
+        await connection.reply(b"250 2.0.0 queued 2")
+        await connection.command()  # QUIT
+        await connection.reply(b"221 bye")
+
+    server = await scripted(script)
+    refused, sent = await send_together(
+        transport_for(server), envelope(1, "a@example.org"), envelope(2, "b@example.org")
+    )
+    assert (refused.state, refused.code, refused.reply) == (State.FAILED, 554, "5.7.1 spam")
+    assert sent.state is State.SENT, sent
+    (connection,) = server.connections
+    assert not any(line.upper().startswith(b"RSET") for line in connection.commands)
+    assert connection.messages[-1] == b"Subject: test 2\r\n\r\nbody 2\r\n"
+
+
+@pytest.mark.parametrize("ending", ["421", "drop"])
+async def test_a_session_ending_at_a_final_dot_moves_the_message_behind_it_at_no_cost(
+    scripted: Starter, ending: str
+) -> None:
+    """The session ends with message 1's final reply (a 421) or without one (a drop).
+
+    Message 1 is deferred (421, RFC 5321 3.8) or unknown (its reply lost, RFC
+    1047). Message 2, whose envelope was already written behind it, goes on a
+    new session at once, as its first attempt: none of its data had been sent.
+    """
+
+    async def script(connection: Connection, number: int) -> None:
+        if number == 2:
+            await serve_messages(connection, 1)
+            await connection.command()  # QUIT
+            await connection.reply(b"221 bye")
+            return
+        await first_then_next_envelope(connection)
+        if ending == "421":
+            await connection.reply(b"421 4.3.2 shutting down")
+
+    server = await scripted(script)
+    first, second = await send_together(
+        transport_for(server), envelope(1, "a@example.org"), envelope(2, "b@example.org")
+    )
+    if ending == "421":
+        assert (first.state, first.code) == (State.DEFERRED, 421), first
+    else:
+        assert first.state is State.UNKNOWN, first
+    assert (second.state, second.attempts) == (State.SENT, 1), second
+    assert len(server.connections) == 2
+    assert server.connections[0].messages == [b"Subject: test 1\r\n\r\nbody 1\r\n"]
+    assert server.connections[1].messages == [b"Subject: test 2\r\n\r\nbody 2\r\n"]
+
+
+async def test_each_reply_on_a_chained_session_gets_the_whole_timeout(scripted: Starter) -> None:
+    """Message 2's envelope replies come 1.2 s after it was written, each 0.6 s after the last.
+
+    With [smtp] timeout 1 s that is no timeout: a reply's time starts when the
+    replies before it are in (RFC 5321 4.5.3.2 times each command), not when the
+    command was written behind a slow message.
+    """
+
+    async def script(connection: Connection, _number: int) -> None:
+        await first_then_next_envelope(connection)
+        await asyncio.sleep(0.6)
+        await connection.reply(b"250 2.0.0 queued 1")
+        await asyncio.sleep(0.6)
+        await connection.reply(b"250 ok", b"250 ok", b"354 go on")
+        await connection.message()
+        await connection.reply(b"250 2.0.0 queued 2")
+        await connection.command()  # QUIT
+        await connection.reply(b"221 bye")
+
+    server = await scripted(script)
+    first, second = await send_together(
+        transport_for(server, timeout=1.0),
+        envelope(1, "a@example.org"),
+        envelope(2, "b@example.org"),
+    )
+    assert (first.state, second.state) == (State.SENT, State.SENT), (first, second)
+    assert len(server.connections) == 1
+
+
+async def test_without_pipelining_the_next_message_waits_for_the_session(
+    scripted: Starter,
+) -> None:
+    """Without PIPELINING one message is in flight a session: the second waits its turn.
+
+    The pool opens no second session for it either ([smtp] connections = 1).
+    """
+
+    async def script(connection: Connection, _number: int) -> None:
+        for _ in range(2):
+            for reply in (b"250 sender ok", b"250 recipient ok", b"354 go on"):
+                await connection.command()
+                await connection.reply(reply)
+            await connection.message()
+            await connection.reply(b"250 2.0.0 queued")
+        await connection.command()  # QUIT
+        await connection.reply(b"221 bye")
+
+    server = await scripted(script, pipelining=False)
+    transport = transport_for(server)
+    results = await send_together(
+        transport, envelope(1, "a@example.org"), envelope(2, "b@example.org")
+    )
+    assert transport.in_flight == 1
+    assert [r.state for r in results] == [State.SENT, State.SENT], results
+    assert len(server.connections) == 1
+    assert len(server.connections[0].messages) == 2
+
+
 # -- without PIPELINING, and servers that say odd things ---------------------------------
 
 
@@ -457,6 +641,38 @@ async def test_closing_the_transport_mid_send_ends_that_send_at_once(scripted: S
     await transport.close()
     result = await asyncio.wait_for(sending, 5)  # the test's own guard against a hang
     assert result.state is State.UNKNOWN, result
+
+
+async def test_closing_the_transport_ends_a_send_waiting_for_a_session(scripted: Starter) -> None:
+    """close() while a second message waits for the only session: it ends, sending nothing.
+
+    Without PIPELINING the second message waits its turn ([smtp] connections = 1);
+    once the transport is closed it opens no new session: a ServerError, which
+    the run records as not sent.
+    """
+    data_in = asyncio.Event()
+
+    async def script(connection: Connection, _number: int) -> None:
+        for reply in (b"250 ok", b"250 ok", b"354 go on"):
+            await connection.command()
+            await connection.reply(reply)
+        await connection.message()
+        data_in.set()
+        await asyncio.sleep(30)  # never confirms
+
+    server = await scripted(script, pipelining=False)
+    transport = transport_for(server, timeout=30)
+    await transport.open()
+    first = asyncio.create_task(transport.send(envelope(1, "a@example.org"), attempts_allowed=1))
+    second = asyncio.create_task(transport.send(envelope(2, "b@example.org"), attempts_allowed=1))
+    await data_in.wait()
+    await transport.close()
+    # The test's own guards against a hang.
+    assert (await asyncio.wait_for(first, 5)).state is State.UNKNOWN
+    with pytest.raises(ServerError, match="no new message"):
+        await asyncio.wait_for(second, 5)
+    assert len(server.connections) == 1
+    assert len(server.connections[0].messages) == 1
 
 
 async def test_more_replies_than_asked_in_one_packet_drop_the_session(scripted: Starter) -> None:

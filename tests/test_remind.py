@@ -503,6 +503,7 @@ class _ServerGoneTransport:
 
     description = "a server that went away"
     connections = 1
+    in_flight = 1
 
     async def open(self) -> None:
         return None

@@ -29,6 +29,7 @@ class _BrokenTransport:
 
     description = "broken test transport"
     connections = 2
+    in_flight = 2
 
     def __init__(self) -> None:
         self.delivered: list[str] = []

@@ -16,6 +16,7 @@ import errno
 import os
 import re
 import ssl
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TextIO, cast
 
@@ -50,8 +51,10 @@ class Transport(Protocol):
     """Delivers one message at a time; several `send` calls may run at once."""
 
     description: str
-    # How many messages it can have in flight at once.
+    # How many sessions (or, for files, slots) it uses at most.
     connections: int
+    # How many messages it can have in flight at once; known once open() returned.
+    in_flight: int
 
     async def open(self) -> None:
         """Get ready to send; raise ServerError if sending is impossible (nothing sent yet)."""
@@ -72,17 +75,35 @@ class SMTPTransport:
         self._max_delay = sending.retry_max_delay
         self._limiter = limiter
         self.connections = smtp.connections
+        # Twice the sessions once open() has seen PIPELINING (see _attempt).
+        self.in_flight = smtp.connections
         self._idle: list[_Session] = []
         self._all: set[_Session] = set()
+        # Sessions being opened, and sends waiting for a session: there are never
+        # more than `connections` at once ([smtp] connections, the provider's limit).
+        self._opening = 0
+        self._waiting: collections.deque[_Waiting] = collections.deque()
+        self._closed = False
         mode = {"starttls": "STARTTLS", "tls": "TLS", "none": "no TLS"}[smtp.security]
         auth = f", AUTH as {smtp.username}" if smtp.username else ""
         self.description = f"{smtp.host}:{smtp.port} ({mode}{auth})"
 
     async def open(self) -> None:
         """Open the first session now: a wrong password or a missing STARTTLS stops here."""
-        self._idle.append(await self._connect())
+        self._closed = False
+        session = await self._connect()
+        self._idle.append(session)
+        if session.pipelining:
+            # Each session carries a message waiting for its final reply and the
+            # next one's envelope (_attempt): two messages in flight per session.
+            self.in_flight = 2 * self.connections
 
     async def close(self) -> None:
+        self._closed = True
+        # Sends still waiting for a session (only if close() is called mid-send)
+        # look again, and find the transport closed.
+        while self._waiting:
+            self._wake()
         idle = set(self._idle)
         for session in self._all - idle:
             # In the middle of a message (only if close() is called mid-send): cut,
@@ -172,93 +193,175 @@ class SMTPTransport:
         return _sent(envelope, attempts, reply)
 
     async def _attempt(self, envelope: Envelope) -> aiosmtplib.SMTPResponse:
-        try:
-            session = await self._session()
-        except ServerError as exc:
-            if not exc.transient:
-                raise
-            raise TransientDeliveryError(
-                exc.message, recipient=envelope.recipient, code=exc.code, reply=exc.reply
-            ) from exc
-        after_dot = False
-        try:
-            # Our addresses are validated ASCII already (lists.normalize_address).
-            mail = b"MAIL FROM:<" + envelope.sender.encode("ascii") + b">\r\n"
-            rcpt = b"RCPT TO:<" + envelope.recipient.encode("ascii") + b">\r\n"
-            if session.pipelining:
-                # RFC 2920 3.1: MAIL, RCPT and DATA go as one group, DATA last;
-                # every reply is still read and checked, in order.
-                session.write(mail + rcpt + b"DATA\r\n")
-                replies = await session.replies(3)
-            else:
-                replies = []
-                for accepted, command in zip(_ACCEPTED, (mail, rcpt, b"DATA\r\n"), strict=True):
-                    session.write(command)
-                    got = await session.replies(1)
-                    replies += got
-                    if not got or got[0].code not in accepted:
-                        break  # a refusal, or a session that ended: _check_envelope says which
-            await _check_envelope(session, envelope, replies)
-            # RFC 5321 4.1.1.4: the data ends with CRLF.CRLF. From the moment the
-            # final "." is written, a lost reply leaves delivery unknown (RFC 1047).
-            data = envelope.data
-            if data.startswith(b".") or b"\n." in data:  # a C search; the regex only if needed
-                data = _LEADING_DOT.sub(b"..", data)
-            if not data.endswith(b"\r\n"):  # mime.py ends every message so; smtplib does this too
-                data += b"\r\n"
-            session.write(data + b".\r\n")
-            after_dot = True
-            reply = await session.reply()
-            # RFC 5321 4.2.1: 2yz is done, 4yz and 5yz refuse; anything else after
-            # the final dot says nothing about the message: unknown, below.
-            if not 200 <= reply.code < 300:
-                if reply.code < 400:
-                    raise aiosmtplib.SMTPException(
-                        f"unexpected reply: {reply.code} {reply.message}"
-                    )
-                raise aiosmtplib.SMTPDataError(reply.code, reply.message)
-        except aiosmtplib.SMTPResponseException as exc:
-            if exc.code == 421:
-                # RFC 5321 3.8: 421 means the server is closing this session.
+        # Our addresses are validated ASCII already (lists.normalize_address).
+        mail = b"MAIL FROM:<" + envelope.sender.encode("ascii") + b">\r\n"
+        rcpt = b"RCPT TO:<" + envelope.recipient.encode("ascii") + b">\r\n"
+        commands = mail + rcpt + b"DATA\r\n"
+        while True:
+            try:
+                session, answers = await self._session(commands)
+            except ServerError as exc:
+                if not exc.transient:
+                    raise
+                raise TransientDeliveryError(
+                    exc.message, recipient=envelope.recipient, code=exc.code, reply=exc.reply
+                ) from exc
+            chained = answers is not None
+            replies: list[aiosmtplib.SMTPResponse] = []
+            after_dot = handed_on = False
+            try:
+                if answers is not None:
+                    # Written already, behind the data of the message before (_end_data).
+                    replies = await session.take(answers)
+                else:
+                    replies = await _envelope(session, mail, rcpt)
+                if chained and not replies:
+                    # The session ended with the message before this one (its final
+                    # reply was a 421, or never came): nothing of this message was
+                    # answered and its data was never sent, so this was no attempt.
+                    await self._discard(session, polite=False)
+                    continue
+                await _check_envelope(session, envelope, replies)
+                # RFC 5321 4.1.1.4: the data ends with CRLF.CRLF. From the moment the
+                # final "." is written, a lost reply leaves delivery unknown (RFC 1047).
+                own, handed_on = self._end_data(session, _stuffed(envelope.data) + b".\r\n")
+                after_dot = True
+                got = await session.take(own)
+                if not got:
+                    raise session.trouble()
+                reply = got[0]
+                # RFC 5321 4.2.1: 2yz is done, 4yz and 5yz refuse; anything else after
+                # the final dot says nothing about the message: unknown, below.
+                if not 200 <= reply.code < 300:
+                    if reply.code < 400:
+                        raise aiosmtplib.SMTPException(
+                            f"unexpected reply: {reply.code} {reply.message}"
+                        )
+                    raise aiosmtplib.SMTPDataError(reply.code, reply.message)
+            except aiosmtplib.SMTPResponseException as exc:
+                if exc.code == 421:
+                    # RFC 5321 3.8: 421 means the server is closing this session.
+                    await self._discard(session, polite=False)
+                elif after_dot:
+                    # Refused after the final dot: the transaction is over either way
+                    # (RFC 5321 4.1.1.4 clears its buffers), so no RSET, which would
+                    # land inside the next message's transaction on a chained session.
+                    self._done_with(session, handed_on)
+                else:
+                    await self._reset(session)
+                if isinstance(exc, aiosmtplib.SMTPSenderRefused) and exc.code >= 500:
+                    # A 5xx to MAIL FROM refuses the sender (policy, quota, AUTH required),
+                    # not this recipient: failing each recipient in turn would fail the list.
+                    raise _sender_refused(self._smtp, envelope.sender, exc) from exc
+                raise _delivery_error(envelope, exc.code, exc.message) from exc
+            except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
                 await self._discard(session, polite=False)
-            else:
-                await self._reset(session)
-            if isinstance(exc, aiosmtplib.SMTPSenderRefused) and exc.code >= 500:
-                # A 5xx to MAIL FROM refuses the sender (policy, quota, AUTH required),
-                # not this recipient: failing each recipient in turn would fail the list.
-                raise _sender_refused(self._smtp, envelope.sender, exc) from exc
-            raise _delivery_error(envelope, exc.code, exc.message) from exc
-        except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
-            await self._discard(session, polite=False)
-            detail = str(exc) or type(exc).__name__
-            if after_dot:
-                raise DeliveryError(
-                    f"connection lost after the message was sent, before the server "
-                    f"confirmed it ({detail}): it may or may not have been delivered",
+                if chained and not replies and not after_dot:
+                    continue  # as above: the session failed before this message began
+                detail = str(exc) or type(exc).__name__
+                if after_dot:
+                    raise DeliveryError(
+                        f"connection lost after the message was sent, before the server "
+                        f"confirmed it ({detail}): it may or may not have been delivered",
+                        recipient=envelope.recipient,
+                        reply=detail,
+                        after_data=True,
+                    ) from exc
+                lost = isinstance(exc, (TimeoutError, OSError, aiosmtplib.SMTPServerDisconnected))
+                raise TransientDeliveryError(
+                    f"{'connection lost' if lost else 'session dropped'}: {detail}",
                     recipient=envelope.recipient,
                     reply=detail,
-                    after_data=True,
                 ) from exc
-            lost = isinstance(exc, (TimeoutError, OSError, aiosmtplib.SMTPServerDisconnected))
-            raise TransientDeliveryError(
-                f"{'connection lost' if lost else 'session dropped'}: {detail}",
-                recipient=envelope.recipient,
-                reply=detail,
-            ) from exc
-        self._idle.append(session)
-        return reply
+            self._done_with(session, handed_on)
+            return reply
 
-    async def _session(self) -> _Session:
-        """An idle pooled session that is still connected, else a new one."""
-        while self._idle:
-            session = self._idle.pop()
-            if session.ready:
-                return session
-            # Closed by the server while idle (its timeout, RFC 5321 4.5.3.2.7), or
-            # it said something unasked (a 421 before closing): not a delivery
-            # failure, so it must not use up one of the message's attempts.
-            await self._discard(session, polite=False)
-        return await self._connect()
+    async def _session(self, commands: bytes) -> tuple[_Session, _Replies | None]:
+        """A session for a message whose MAIL, RCPT and DATA are `commands`.
+
+        An idle pooled session that is still connected, else a new one while
+        there are fewer than `connections`; else wait for one to come free, or
+        for a message to end its data on one with PIPELINING, which then sends
+        `commands` behind it (_end_data). In that case the pending replies to
+        them come too: the session is chained.
+        """
+        while True:
+            if self._closed:
+                raise ServerError(
+                    "the run is ending: no new message goes out",
+                    host=self._smtp.host,
+                    port=self._smtp.port,
+                )
+            while self._idle:
+                session = self._idle.pop()
+                if session.ready:
+                    return session, None
+                # Closed by the server while idle (its timeout, RFC 5321 4.5.3.2.7), or
+                # it said something unasked (a 421 before closing): not a delivery
+                # failure, so it must not use up one of the message's attempts.
+                await self._discard(session, polite=False)
+            if len(self._all) + self._opening < self.connections:
+                self._opening += 1
+                try:
+                    return await self._connect(), None
+                finally:
+                    self._opening -= 1
+                    self._wake()  # a failed connect leaves its place to a waiting send
+            waiting = _Waiting(commands, asyncio.get_running_loop().create_future())
+            self._waiting.append(waiting)
+            try:
+                handed = await waiting.future
+            except asyncio.CancelledError:
+                with contextlib.suppress(ValueError):
+                    self._waiting.remove(waiting)
+                if waiting.future.done() and not waiting.future.cancelled():
+                    given = waiting.future.result()
+                    if given is not None:  # written for this send, which will not read it
+                        await self._discard(given[0], polite=False)
+                raise
+            if handed is not None:
+                return handed
+
+    def _end_data(self, session: _Session, data: bytes) -> tuple[_Replies, bool]:
+        """Write a message's data and final dot; the wait for its reply, and if it was chained.
+
+        RFC 2920 3.1 lets message content start a group: if a send is waiting
+        for a session, its MAIL, RCPT and DATA go in the same write, without
+        waiting for this message's reply, so a message costs one round trip
+        instead of two. One write, not two: a second small segment could wait
+        for the first one's ACK (Nagle's algorithm, on a server without
+        TCP_NODELAY) and stall each message by a delayed ACK, 40 ms on Linux.
+        """
+        # (Only on a session still alive: write() raises on a dead one, and a send
+        # taken from the queue must not be dropped.)
+        waiting = self._next_waiting() if session.pipelining and session.alive else None
+        if waiting is None:
+            session.write(data)
+            return session.expect(1), False
+        session.write(data + waiting.commands)
+        own = session.expect(1)
+        waiting.future.set_result((session, session.expect(3)))
+        return own, True
+
+    def _done_with(self, session: _Session, handed_on: bool) -> None:
+        """A message's final reply is in: the session is idle, unless the next message has it."""
+        if handed_on:
+            return  # the next message gives it back
+        self._idle.append(session)
+        self._wake()
+
+    def _next_waiting(self) -> _Waiting | None:
+        while self._waiting:
+            waiting = self._waiting.popleft()
+            if not waiting.future.done():
+                return waiting
+        return None
+
+    def _wake(self) -> None:
+        """A session came free (or a place for one): the first waiting send looks again."""
+        waiting = self._next_waiting()
+        if waiting is not None:
+            waiting.future.set_result(None)
 
     async def _connect(self) -> _Session:
         smtp = self._smtp
@@ -348,7 +451,7 @@ class SMTPTransport:
             session.write(b"RSET\r\n")
             with contextlib.suppress(TimeoutError, aiosmtplib.SMTPException, OSError):
                 if (await session.reply()).code == 250:
-                    self._idle.append(session)
+                    self._done_with(session, handed_on=False)
                     return
         await self._discard(session, polite=False)
 
@@ -357,11 +460,39 @@ class SMTPTransport:
         if polite:
             await session.quit()
         session.close()
+        self._wake()  # one session fewer: a waiting send may open another
 
 
 # What each command of a message's envelope must get back (RFC 5321 4.3.2):
 # MAIL 250; RCPT 250 or 251 (will forward); DATA 354 (start mail input).
 _ACCEPTED: tuple[frozenset[int], ...] = (frozenset({250}), frozenset({250, 251}), frozenset({354}))
+
+
+async def _envelope(session: _Session, mail: bytes, rcpt: bytes) -> list[aiosmtplib.SMTPResponse]:
+    """Send MAIL, RCPT and DATA; their replies, up to the first refusal or the session's end."""
+    if session.pipelining:
+        # RFC 2920 3.1: MAIL, RCPT and DATA go as one group, DATA last; every reply
+        # is still read and checked, in order. On a chained session they follow the
+        # message before, whose final reply comes first.
+        session.write(mail + rcpt + b"DATA\r\n")
+        return await session.replies(3)
+    replies: list[aiosmtplib.SMTPResponse] = []
+    for accepted, command in zip(_ACCEPTED, (mail, rcpt, b"DATA\r\n"), strict=True):
+        session.write(command)
+        got = await session.replies(1)
+        replies += got
+        if not got or got[0].code not in accepted:
+            break  # a refusal, or a session that ended: _check_envelope says which
+    return replies
+
+
+def _stuffed(data: bytes) -> bytes:
+    """The message as DATA sends it, up to the final dot (RFC 5321 4.5.2, 4.1.1.4)."""
+    if data.startswith(b".") or b"\n." in data:  # a C search; the regex only if needed
+        data = _LEADING_DOT.sub(b"..", data)
+    if not data.endswith(b"\r\n"):  # mime.py ends every message so; smtplib does this too
+        data += b"\r\n"
+    return data
 
 
 async def _check_envelope(
@@ -401,8 +532,10 @@ class _Session(asyncio.Protocol):
     aiosmtplib cannot pipeline: its protocol keeps one reply at a time and drops
     or strands the rest ("if multiple commands are written to the transport
     without awaiting, response data will be lost", SMTPProtocol.read_response).
-    With PIPELINING (RFC 2920) a message costs two round trips instead of four,
-    and this reads a group's replies with one wake-up and one timer.
+    With PIPELINING (RFC 2920) a message costs one round trip instead of four:
+    its MAIL, RCPT and DATA go in one group, behind the previous message's data.
+    Replies are handed out in the order their commands were written, to one
+    wait after another, each under its own timer.
     """
 
     # RFC 5321 4.5.3.1.5 allows 512 octets a reply line; a few lines of them is
@@ -425,22 +558,30 @@ class _Session(asyncio.Protocol):
         self._pending = bytearray()
         self._lines: list[bytes] = []
         self._replies: collections.deque[aiosmtplib.SMTPResponse] = collections.deque()
-        self._waiter: asyncio.Future[None] | None = None
-        self._wanted = 0
+        # Each wait for replies, in the order of the commands it waits for: how many
+        # replies, how long at most, and the future that gets them.
+        self._waits: collections.deque[_Wait] = collections.deque()
+        # The first wait's timer, started when the replies before it are in.
+        self._timer: asyncio.TimerHandle | None = None
         self._trouble: aiosmtplib.SMTPException | None = None
         # From here on the transport talks to this protocol only; aiosmtplib's
         # client keeps no reference that acts on it.
         transport.set_protocol(self)
 
     @property
+    def alive(self) -> bool:
+        """Connected, and nothing has gone wrong."""
+        return self._trouble is None and not self._transport.is_closing()
+
+    @property
     def ready(self) -> bool:
-        """Connected, and nothing unasked heard: fit for the next message."""
+        """Connected, nothing awaited and nothing unasked heard: fit for the next message."""
         return (
-            self._trouble is None
+            self.alive
+            and not self._waits
             and not self._replies
             and not self._pending
             and not self._lines
-            and not self._transport.is_closing()
         )
 
     def trouble(self) -> aiosmtplib.SMTPException:
@@ -454,30 +595,35 @@ class _Session(asyncio.Protocol):
             raise aiosmtplib.SMTPServerDisconnected("connection lost")
         self._transport.write(data)
 
+    def expect(self, count: int, seconds: float | None = None) -> _Replies:
+        """Wait for the next `count` replies after those already expected; see `take`.
+
+        The wait's timer, `seconds` ([smtp] timeout by default), starts when the
+        replies expected before are in: each command's reply gets its own time
+        (RFC 5321 4.5.3.2), however long the message before took.
+        """
+        # No pause_writing/resume_writing: a session has two messages in flight at
+        # most, and each writer waits for its replies anyway (under the timer), so
+        # the transport's buffer holds a message or two, not a backlog.
+        future: _Replies = self._loop.create_future()
+        self._waits.append(_Wait(count, self._timeout if seconds is None else seconds, future))
+        self._serve()
+        return future
+
+    async def take(self, expected: _Replies) -> list[aiosmtplib.SMTPResponse]:
+        """The replies `expect` waited for, or fewer: those that came before the session failed."""
+        try:
+            return await expected
+        except asyncio.CancelledError:
+            # Its replies would go to the next wait: which reply answers what is lost.
+            self._fail(aiosmtplib.SMTPException("a wait for replies was cancelled"))
+            raise
+
     async def replies(
         self, count: int, seconds: float | None = None
     ) -> list[aiosmtplib.SMTPResponse]:
-        """The next `count` replies, or those that came before the session failed.
-
-        Waits `seconds` at most, [smtp] timeout by default. One caller at a time.
-        """
-        # No pause_writing/resume_writing: a session has one message in flight
-        # at most, and the writer waits for its reply anyway (under the timer),
-        # so the transport's buffer holds one message, not a backlog.
-        if len(self._replies) < count and self._trouble is None:
-            if self._waiter is not None:
-                raise RuntimeError("two waits for replies on one SMTP session")
-            waiter = self._loop.create_future()
-            self._waiter, self._wanted = waiter, count
-            limit = self._timeout if seconds is None else seconds
-            timer = self._loop.call_later(limit, self._time_out, limit)
-            try:
-                await waiter
-            finally:
-                timer.cancel()
-                self._waiter = None
-        take = min(count, len(self._replies))
-        return [self._replies.popleft() for _ in range(take)]
+        """The next `count` replies (`expect`, then `take`)."""
+        return await self.take(self.expect(count, seconds))
 
     async def reply(self) -> aiosmtplib.SMTPResponse:
         """The next reply; raises if the session fails first."""
@@ -498,13 +644,28 @@ class _Session(asyncio.Protocol):
         if not self._transport.is_closing():
             self._transport.close()
 
+    def _serve(self) -> None:
+        """Hand each wait its replies, in order; once the session failed, what there is."""
+        waits, replies = self._waits, self._replies
+        while waits:
+            wait = waits[0]
+            if len(replies) < wait.count and self._trouble is None:
+                if self._timer is None:
+                    self._timer = self._loop.call_later(wait.seconds, self._time_out, wait.seconds)
+                return
+            waits.popleft()
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            got = [replies.popleft() for _ in range(min(wait.count, len(replies)))]
+            if not wait.future.done():
+                wait.future.set_result(got)
+
     # -- asyncio.Protocol ---------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
         if self._trouble is not None:
             return  # a failed session hears nothing more: it is closing
-        waiter = self._waiter
-        asked = waiter is not None and not waiter.done()
         pending = self._pending
         pending += data
         start = 0
@@ -530,14 +691,14 @@ class _Session(asyncio.Protocol):
         del pending[:start]
         if len(pending) > self._MAX_PENDING:
             self._fail(aiosmtplib.SMTPException("a reply line longer than 64 KiB"))
-        elif len(self._replies) > (self._wanted if asked else 0):
+            return
+        self._serve()
+        if self._replies and not self._waits:
             # Said while nobody asked, or more than was asked (a 421 notice before
             # closing, RFC 5321 3.8, or a confused server): never taken for the
-            # next command's reply. What was asked for is still handed over.
+            # next command's reply. What was asked for has been handed over.
             reply = self._replies[-1]
             self._fail(aiosmtplib.SMTPException(f"unasked reply: {reply.code} {reply.message}"))
-        elif waiter is not None and len(self._replies) >= self._wanted and asked:
-            waiter.set_result(None)
 
     def eof_received(self) -> bool:
         self._fail(aiosmtplib.SMTPServerDisconnected("the server closed the connection"))
@@ -549,18 +710,41 @@ class _Session(asyncio.Protocol):
         self._fail(lost)
 
     def _time_out(self, seconds: float) -> None:
+        self._timer = None
         self._fail(aiosmtplib.SMTPReadTimeoutError(f"no reply from the server in {seconds:g} s"))
 
     def _fail(self, exc: aiosmtplib.SMTPException) -> None:
-        """The session cannot go on: wake whoever waits, drop what is buffered, close."""
+        """The session cannot go on: every wait gets what came, the rest is dropped, close."""
         if self._trouble is None:
             self._trouble = exc
         self._pending.clear()
         self._lines.clear()
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._serve()
         self.close()
+
+
+_Replies = asyncio.Future[list[aiosmtplib.SMTPResponse]]
+
+
+@dataclass(slots=True)
+class _Waiting:
+    """A send waiting for a session: its MAIL, RCPT and DATA, ready to follow another message.
+
+    The future gets None when a session comes free (look again), or a session
+    with the commands written on it and the wait for their replies.
+    """
+
+    commands: bytes
+    future: asyncio.Future[tuple[_Session, _Replies] | None]
+
+
+@dataclass(slots=True)
+class _Wait:
+    """A wait for `count` replies (_Session.replies)."""
+
+    count: int
+    seconds: float
+    future: _Replies
 
 
 class DryRunTransport:
@@ -572,7 +756,7 @@ class DryRunTransport:
         self._folder = os.path.join(directory, "")
         self.description = f"dry run: messages written to {directory}/"
         # Files need no sessions: this sets how many rows a run keeps claimed at once
-        # (2 x connections), in the scratch copy of the ledger a dry run works on. At
+        # (in_flight + connections), in the scratch copy of the ledger a dry run works on. At
         # 32, a commit carried at most 32 claims and the sender waited for each one;
         # at 512, the next claims (up to campaign.py's 64 a group) are committed while
         # the rows claimed before are rendered and written, so sender and ledger
@@ -580,6 +764,7 @@ class DryRunTransport:
         # 2.09 -> 1.34 s (medians of 5). More bought nothing measurable, and each
         # place can hold a rendered message in memory.
         self.connections = 256
+        self.in_flight = 256
         self._index: TextIO | None = None
         self._writer: Any = None
 
