@@ -70,6 +70,19 @@ class RateLimiter:
             await self.acquire_domain(domain)
         self._recent.append(time.monotonic())
 
+    def unpaced(self, domain: str | None = None) -> bool:
+        """Whether a message may go now without waiting: no rate in force for it.
+
+        True is counted as `acquire` counts a message. For a send that cannot
+        wait (the transport chains it in the same write as the message before).
+        """
+        if self._global is not None:
+            return False
+        if domain is not None and self.limited_domain(domain) is not None:
+            return False
+        self._recent.append(time.monotonic())
+        return True
+
     async def acquire_domain(self, domain: str) -> None:
         """Wait for the pace of the limit covering `domain` (no wait without one)."""
         key = self.limited_domain(domain)

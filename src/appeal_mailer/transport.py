@@ -84,6 +84,8 @@ class SMTPTransport:
         self._opening = 0
         self._waiting: collections.deque[_Waiting] = collections.deque()
         self._closed = False
+        # Off for the rest of the run if the server drops what follows a final dot.
+        self._chaining = True
         mode = {"starttls": "STARTTLS", "tls": "TLS", "none": "no TLS"}[smtp.security]
         auth = f", AUTH as {smtp.username}" if smtp.username else ""
         self.description = f"{smtp.host}:{smtp.port} ({mode}{auth})"
@@ -144,9 +146,8 @@ class SMTPTransport:
         # that same loop, whose first attempt this one then was.
         try:
             # The first attempt's domain pace was kept by whoever scheduled the
-            # message (the campaign).
-            await self._limiter.acquire(None)
-            reply = await self._attempt(envelope)
+            # message (the campaign): only the global pace applies here.
+            reply = await self._attempt(envelope, None)
         except TransientDeliveryError as exc:
             return await self._retry(envelope, attempts_allowed, exc)
         except DeliveryError as exc:
@@ -183,8 +184,7 @@ class SMTPTransport:
                     if attempts == 1:
                         raise first  # made already, by send()
                     # A retry is one more message to that domain: paced as such.
-                    await self._limiter.acquire(domain)
-                    reply = await self._attempt(envelope)
+                    reply = await self._attempt(envelope, domain)
         except DeliveryError as exc:
             if isinstance(exc, TransientDeliveryError) and attempts == 1:
                 self._limiter.slow_down()  # not counted yet: no retry was slept before
@@ -192,14 +192,15 @@ class SMTPTransport:
         self._limiter.succeeded()
         return _sent(envelope, attempts, reply)
 
-    async def _attempt(self, envelope: Envelope) -> aiosmtplib.SMTPResponse:
+    async def _attempt(self, envelope: Envelope, domain: str | None) -> aiosmtplib.SMTPResponse:
+        """One attempt, paced (the global pace; `domain`'s own too, if given)."""
         # Our addresses are validated ASCII already (lists.normalize_address).
         mail = b"MAIL FROM:<" + envelope.sender.encode("ascii") + b">\r\n"
         rcpt = b"RCPT TO:<" + envelope.recipient.encode("ascii") + b">\r\n"
         commands = mail + rcpt + b"DATA\r\n"
         while True:
             try:
-                session, answers = await self._session(commands)
+                session, answers = await self._session(commands, domain)
             except ServerError as exc:
                 if not exc.transient:
                     raise
@@ -207,6 +208,18 @@ class SMTPTransport:
                     exc.message, recipient=envelope.recipient, code=exc.code, reply=exc.reply
                 ) from exc
             chained = answers is not None
+            if not chained:
+                # Paced only now that it has a session: a message that took its turn
+                # and then waited for a session would go out with those that took
+                # theirs later, in a burst (chained messages: _end_data).
+                try:
+                    await self._limiter.acquire(domain)
+                except BaseException:
+                    self._done_with(session, handed_on=False)
+                    raise
+                if not session.ready:  # closed while the pace held it back: no attempt
+                    await self._discard(session, polite=False)
+                    continue
             replies: list[aiosmtplib.SMTPResponse] = []
             after_dot = handed_on = False
             try:
@@ -219,6 +232,11 @@ class SMTPTransport:
                     # The session ended with the message before this one (its final
                     # reply was a 421, or never came): nothing of this message was
                     # answered and its data was never sent, so this was no attempt.
+                    if isinstance(session.trouble(), aiosmtplib.SMTPReadTimeoutError):
+                        # Silence for a group that followed a final dot, not for the
+                        # message before: a server that drops what follows the dot
+                        # (against RFC 2920 3.1). No more chaining this run.
+                        self._chaining = False
                     await self._discard(session, polite=False)
                     continue
                 await _check_envelope(session, envelope, replies)
@@ -238,6 +256,11 @@ class SMTPTransport:
                             f"unexpected reply: {reply.code} {reply.message}"
                         )
                     raise aiosmtplib.SMTPDataError(reply.code, reply.message)
+            except asyncio.CancelledError:
+                # Its replies, if any are still to come, are dropped (take); the
+                # session goes once no earlier message still waits on it.
+                self._leave(session, handed_on)
+                raise
             except aiosmtplib.SMTPResponseException as exc:
                 if exc.code == 421:
                     # RFC 5321 3.8: 421 means the server is closing this session.
@@ -256,8 +279,6 @@ class SMTPTransport:
                 raise _delivery_error(envelope, exc.code, exc.message) from exc
             except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
                 await self._discard(session, polite=False)
-                if chained and not replies and not after_dot:
-                    continue  # as above: the session failed before this message began
                 detail = str(exc) or type(exc).__name__
                 if after_dot:
                     raise DeliveryError(
@@ -276,22 +297,21 @@ class SMTPTransport:
             self._done_with(session, handed_on)
             return reply
 
-    async def _session(self, commands: bytes) -> tuple[_Session, _Replies | None]:
+    async def _session(
+        self, commands: bytes, domain: str | None
+    ) -> tuple[_Session, _Replies | None]:
         """A session for a message whose MAIL, RCPT and DATA are `commands`.
 
         An idle pooled session that is still connected, else a new one while
         there are fewer than `connections`; else wait for one to come free, or
         for a message to end its data on one with PIPELINING, which then sends
-        `commands` behind it (_end_data). In that case the pending replies to
-        them come too: the session is chained.
+        `commands` behind it (_end_data) if no pace holds this message back
+        (`domain`'s included). Then the wait for their replies comes too: the
+        session is chained.
         """
         while True:
             if self._closed:
-                raise ServerError(
-                    "the run is ending: no new message goes out",
-                    host=self._smtp.host,
-                    port=self._smtp.port,
-                )
+                raise self._ended()
             while self._idle:
                 session = self._idle.pop()
                 if session.ready:
@@ -303,11 +323,17 @@ class SMTPTransport:
             if len(self._all) + self._opening < self.connections:
                 self._opening += 1
                 try:
-                    return await self._connect(), None
+                    session = await self._connect()
+                except BaseException:
+                    self._wake()  # its place is free again, for a waiting send
+                    raise
                 finally:
                     self._opening -= 1
-                    self._wake()  # a failed connect leaves its place to a waiting send
-            waiting = _Waiting(commands, asyncio.get_running_loop().create_future())
+                if self._closed:  # close() came while it was being opened
+                    self._drop(session)
+                    raise self._ended()
+                return session, None
+            waiting = _Waiting(commands, domain, asyncio.get_running_loop().create_future())
             self._waiting.append(waiting)
             try:
                 handed = await waiting.future
@@ -316,8 +342,11 @@ class SMTPTransport:
                     self._waiting.remove(waiting)
                 if waiting.future.done() and not waiting.future.cancelled():
                     given = waiting.future.result()
-                    if given is not None:  # written for this send, which will not read it
-                        await self._discard(given[0], polite=False)
+                    if given is None:
+                        self._wake()  # the wake meant for this send goes to the next
+                    else:  # written for this send, which will not read their replies
+                        given[0].abandon(given[1])
+                        self._leave(given[0], handed_on=False)
                 raise
             if handed is not None:
                 return handed
@@ -332,23 +361,50 @@ class SMTPTransport:
         for the first one's ACK (Nagle's algorithm, on a server without
         TCP_NODELAY) and stall each message by a delayed ACK, 40 ms on Linux.
         """
-        # (Only on a session still alive: write() raises on a dead one, and a send
-        # taken from the queue must not be dropped.)
-        waiting = self._next_waiting() if session.pipelining and session.alive else None
+        waiting = self._chainable() if session.pipelining and session.alive else None
         if waiting is None:
             session.write(data)
             return session.expect(1), False
+        # (alive: write() cannot raise, so the send taken from the queue is not lost.)
         session.write(data + waiting.commands)
         own = session.expect(1)
         waiting.future.set_result((session, session.expect(3)))
         return own, True
 
+    def _chainable(self) -> _Waiting | None:
+        """The first waiting send that may go now, taken from the queue; None if none may.
+
+        Only a message no pace holds back: it goes without waiting, so a rate in
+        force (or its domain's) would be broken (RateLimiter.unpaced).
+        """
+        if not self._chaining:
+            return None
+        for waiting in list(self._waiting):
+            if waiting.future.done():
+                self._waiting.remove(waiting)
+            elif self._limiter.unpaced(waiting.domain):
+                self._waiting.remove(waiting)
+                return waiting
+        return None
+
     def _done_with(self, session: _Session, handed_on: bool) -> None:
         """A message's final reply is in: the session is idle, unless the next message has it."""
         if handed_on:
+            if not session.alive:
+                # Ended by the next message's sender leaving (cancelled): gone.
+                self._drop(session)
             return  # the next message gives it back
         self._idle.append(session)
         self._wake()
+
+    def _leave(self, session: _Session, handed_on: bool) -> None:
+        """A send that holds `session` is cancelled: whose is the session now?"""
+        if handed_on:
+            return  # the next message's, as it would have been
+        if not session.alive:
+            self._drop(session)
+        # Else an earlier message still waits for its final reply on it; then the
+        # session fails (its next wait was abandoned) and that sender drops it.
 
     def _next_waiting(self) -> _Waiting | None:
         while self._waiting:
@@ -362,6 +418,13 @@ class SMTPTransport:
         waiting = self._next_waiting()
         if waiting is not None:
             waiting.future.set_result(None)
+
+    def _ended(self) -> ServerError:
+        return ServerError(
+            "the run is ending: no new message goes out",
+            host=self._smtp.host,
+            port=self._smtp.port,
+        )
 
     async def _connect(self) -> _Session:
         smtp = self._smtp
@@ -456,11 +519,17 @@ class SMTPTransport:
         await self._discard(session, polite=False)
 
     async def _discard(self, session: _Session, *, polite: bool) -> None:
-        self._all.discard(session)
         if polite:
+            self._all.discard(session)
             await session.quit()
+        self._drop(session)
+
+    def _drop(self, session: _Session) -> None:
+        """Close `session` and leave the pool: a waiting send may open another."""
         session.close()
-        self._wake()  # one session fewer: a waiting send may open another
+        if session in self._all:
+            self._all.discard(session)
+            self._wake()
 
 
 # What each command of a message's envelope must get back (RFC 5321 4.3.2):
@@ -615,9 +684,24 @@ class _Session(asyncio.Protocol):
         try:
             return await expected
         except asyncio.CancelledError:
-            # Its replies would go to the next wait: which reply answers what is lost.
-            self._fail(aiosmtplib.SMTPException("a wait for replies was cancelled"))
+            self.abandon(expected)
             raise
+
+    def abandon(self, expected: _Replies) -> None:
+        """Nobody will read the replies `expect` waited for: the session ends at that point.
+
+        The waits before it still get theirs (a message chained behind another
+        is cancelled: the one before still hears its final reply); then the
+        session fails, as its replies would be taken for the next wait's, and
+        its transaction may be open (after a 354, the server waits for data).
+        """
+        for wait in self._waits:
+            if wait.future is expected:
+                wait.abandoned = True
+                self._serve()
+                return
+        # Already answered, but its sender did not go on: the transaction is open.
+        self._fail(aiosmtplib.SMTPException("a send was cancelled mid-transaction"))
 
     async def replies(
         self, count: int, seconds: float | None = None
@@ -649,6 +733,9 @@ class _Session(asyncio.Protocol):
         waits, replies = self._waits, self._replies
         while waits:
             wait = waits[0]
+            if wait.abandoned and self._trouble is None:
+                self._fail(aiosmtplib.SMTPException("a send was cancelled mid-transaction"))
+                return  # _fail served every wait
             if len(replies) < wait.count and self._trouble is None:
                 if self._timer is None:
                     self._timer = self._loop.call_later(wait.seconds, self._time_out, wait.seconds)
@@ -735,6 +822,7 @@ class _Waiting:
     """
 
     commands: bytes
+    domain: str | None
     future: asyncio.Future[tuple[_Session, _Replies] | None]
 
 
@@ -745,6 +833,8 @@ class _Wait:
     count: int
     seconds: float
     future: _Replies
+    # Its sender is gone (cancelled): its replies must not go to the next wait.
+    abandoned: bool = False
 
 
 class DryRunTransport:
