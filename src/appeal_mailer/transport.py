@@ -232,10 +232,11 @@ class SMTPTransport:
                     # The session ended with the message before this one (its final
                     # reply was a 421, or never came): nothing of this message was
                     # answered and its data was never sent, so this was no attempt.
-                    if isinstance(session.trouble(), aiosmtplib.SMTPReadTimeoutError):
-                        # Silence for a group that followed a final dot, not for the
-                        # message before: a server that drops what follows the dot
-                        # (against RFC 2920 3.1). No more chaining this run.
+                    if session.timed_out is answers:
+                        # The message before was answered, then silence for the group
+                        # that followed its final dot: a server that drops what
+                        # follows the dot (against RFC 2920 3.1). No more chaining
+                        # this run. (A slow reply to the message before is no sign.)
                         self._chaining = False
                     await self._discard(session, polite=False)
                     continue
@@ -512,10 +513,17 @@ class SMTPTransport:
         # RFC 5321 4.1.1.5: RSET clears the failed transaction so the session can be reused.
         if session.ready:
             session.write(b"RSET\r\n")
-            with contextlib.suppress(TimeoutError, aiosmtplib.SMTPException, OSError):
+            try:
                 if (await session.reply()).code == 250:
                     self._done_with(session, handed_on=False)
                     return
+            except (TimeoutError, aiosmtplib.SMTPException, OSError):
+                pass  # dropped below
+            except asyncio.CancelledError:
+                # Called from a failed attempt's handler, past _attempt's own: the
+                # session, ended by the abandoned reply (take), leaves the pool here.
+                self._drop(session)
+                raise
         await self._discard(session, polite=False)
 
     async def _discard(self, session: _Session, *, polite: bool) -> None:
@@ -632,6 +640,8 @@ class _Session(asyncio.Protocol):
         self._waits: collections.deque[_Wait] = collections.deque()
         # The first wait's timer, started when the replies before it are in.
         self._timer: asyncio.TimerHandle | None = None
+        # The wait whose timer ended the session, if one did.
+        self.timed_out: _Replies | None = None
         self._trouble: aiosmtplib.SMTPException | None = None
         # From here on the transport talks to this protocol only; aiosmtplib's
         # client keeps no reference that acts on it.
@@ -798,6 +808,7 @@ class _Session(asyncio.Protocol):
 
     def _time_out(self, seconds: float) -> None:
         self._timer = None
+        self.timed_out = self._waits[0].future if self._waits else None
         self._fail(aiosmtplib.SMTPReadTimeoutError(f"no reply from the server in {seconds:g} s"))
 
     def _fail(self, exc: aiosmtplib.SMTPException) -> None:
