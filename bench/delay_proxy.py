@@ -87,6 +87,10 @@ class _Client(_Side):
         except OSError:
             self.transport.close()
             return
+        if self.transport.is_closing():  # the client left while this connected
+            assert server.transport is not None
+            server.transport.close()
+            return
         server.other, self.other = self, server
         self.transport.resume_reading()
 
