@@ -1457,3 +1457,190 @@ async def test_a_randomized_server_never_gets_a_message_twice_and_each_result_ma
         if result.state is not FUZZ_ENDINGS[events[-1]]:
             problems.append(("result", events, result))
     assert not problems, (cap, count, problems)
+
+
+# -- retries to a domain with its own pace, and a session left by both its senders -------
+
+
+async def serve_greylisting_once(
+    connection: Connection, greylisted: set[str], log: list[tuple[float, str]]
+) -> None:
+    """Answer transactions until QUIT; refuse each @slow.example recipient once with 451.
+
+    Logs (time, recipient) as each group arrives. The refused group gets 554 to
+    its DATA (RFC 2920 3.1: no valid recipients), and the client's RSET a 250.
+    Each message's final reply takes 5 ms (a queue file written), so that a
+    retry's backoff (tens of ms here) ends while the other messages still flow.
+    """
+    loop = asyncio.get_running_loop()
+    while True:
+        command = await connection.command()
+        if command.upper().startswith(b"QUIT"):
+            await connection.reply(b"221 bye")
+            return
+        if command.upper().startswith(b"RSET"):
+            await connection.reply(b"250 reset")
+            continue
+        assert command.upper().startswith(b"MAIL"), command
+        rcpt = await connection.command()
+        await connection.command()  # DATA
+        who = rcpt.split(b"<")[1].split(b">")[0].decode()
+        log.append((loop.time(), who))
+        if who.endswith("@slow.example") and who not in greylisted:
+            greylisted.add(who)
+            await connection.reply(b"250 ok", b"451 4.7.1 greylisted", b"554 no valid recipients")
+            continue
+        await connection.reply(b"250 ok", b"250 ok", b"354 go on")
+        await connection.message()
+        await asyncio.sleep(0.005)
+        await connection.reply(b"250 2.0.0 queued")
+
+
+async def test_a_retry_waits_for_its_domains_pace_without_holding_a_session(
+    scripted: Starter,
+) -> None:
+    """A retry to a domain with its own limit (0.5 a second) waits for that pace first.
+
+    Only then does it take a session: waiting with the only session in hand
+    ([smtp] connections = 1) would hold every other message back for 2 s.
+    """
+    greylisted: set[str] = set()
+    log: list[tuple[float, str]] = []
+
+    async def script(connection: Connection, _number: int) -> None:
+        await serve_greylisting_once(connection, greylisted, log)
+
+    server = await scripted(script)
+    limiter = RateLimiter(0, {"slow.example": 0.5})
+    transport = pool_for(server, connections=1, timeout=10, limiter=limiter)
+    await transport.open()
+    loop = asyncio.get_running_loop()
+    try:
+        await limiter.acquire_domain("slow.example")  # the campaign's turn, for attempt 1
+        start = loop.time()
+        retried = asyncio.create_task(
+            transport.send(envelope(1, "r@slow.example"), attempts_allowed=2)
+        )
+        await asyncio.sleep(0.3)  # refused once; its retry now waits for its domain's pace
+        others = [
+            asyncio.create_task(
+                transport.send(envelope(i, f"o{i}@other.example"), attempts_allowed=1)
+            )
+            for i in range(2, 5)
+        ]
+        # The test's own guard against a hang.
+        results = await asyncio.wait_for(asyncio.gather(retried, *others), 10)
+    finally:
+        await transport.close()
+    assert [r.state for r in results] == [State.SENT] * 4, results
+    assert results[0].attempts == 2
+    first_other = min(at for at, who in log if who.endswith("@other.example")) - start
+    # About 0.3 s; with the session held through the retry's 2 s pace, about 2.
+    assert first_other < 1.0, f"the others waited {first_other:.2f} s for a retry's pace"
+
+
+async def test_a_retry_to_a_limited_domain_is_not_left_behind_chained_messages(
+    scripted: Starter,
+) -> None:
+    """A retry to a domain with a limit of its own goes out soon, not after the whole queue.
+
+    [smtp] connections = 2 and as many workers as the campaign runs; the limit
+    (1,000 a second) never holds anything back, but a paced message is never
+    chained: it waited for an idle session, which steady chaining never leaves,
+    and went out last of 200. Taking the domain's turn before looking for a
+    session makes it a message like the others.
+    """
+    greylisted: set[str] = set()
+    log: list[tuple[float, str]] = []
+
+    async def script(connection: Connection, _number: int) -> None:
+        await serve_greylisting_once(connection, greylisted, log)
+
+    server = await scripted(script)
+    limiter = RateLimiter(0, {"slow.example": 1000})
+    transport = pool_for(server, connections=2, timeout=10, limiter=limiter)
+    await transport.open()
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for row in range(1, 201):
+        queue.put_nowait(row)
+    results: dict[int, DeliveryResult] = {}
+
+    async def worker() -> None:
+        while not queue.empty():
+            row = queue.get_nowait()
+            to = "r@slow.example" if row == 1 else f"o{row}@other.example"
+            results[row] = await transport.send(envelope(row, to), attempts_allowed=2)
+
+    try:
+        workers = (worker() for _ in range(transport.in_flight))
+        await asyncio.wait_for(asyncio.gather(*workers), 30)  # the test's own guard
+    finally:
+        await transport.close()
+    assert (results[1].state, results[1].attempts) == (State.SENT, 2), results[1]
+    assert all(result.state is State.SENT for result in results.values())
+    order = [who for _, who in log]
+    retry_at = len(order) - 1 - order[::-1].index("r@slow.example")
+    assert retry_at < 50, f"the retry went out as transaction {retry_at} of {len(order)}"
+
+
+async def test_a_session_whose_two_senders_are_cancelled_leaves_the_pool(
+    scripted: Starter,
+) -> None:
+    """B's final reply is pending and C rides behind it; C is cancelled, then B.
+
+    Each leaves the session to the other while it lives; once it is dead
+    (abandoned waits), whoever leaves last drops it, so the next send with
+    [smtp] connections = 1 opens a new session instead of waiting for ever.
+    """
+    group_in = asyncio.Event()
+
+    async def script(connection: Connection, number: int) -> None:
+        if number == 1:
+            await first_then_next_envelope(connection)
+            group_in.set()
+            await connection.reader.read()  # never answers; until the client closes
+            return
+        await serve_until_quit(connection)
+
+    server = await scripted(script)
+    transport = pool_for(server, connections=1, timeout=30)
+    await transport.open()
+    try:
+        b = asyncio.create_task(transport.send(envelope(1, "b@example.org"), attempts_allowed=1))
+        c = asyncio.create_task(transport.send(envelope(2, "c@example.org"), attempts_allowed=1))
+        await asyncio.wait_for(group_in.wait(), 5)  # the test's own guard against a hang
+        c.cancel()
+        await asyncio.wait({c}, timeout=5)
+        b.cancel()
+        await asyncio.wait({b}, timeout=5)
+        assert b.cancelled()
+        assert c.cancelled()
+        # The test's own guard against a hang (the bug: this send waited for ever).
+        d = await asyncio.wait_for(
+            transport.send(envelope(3, "d@example.org"), attempts_allowed=1), 5
+        )
+    finally:
+        await transport.close()
+    assert (d.state, d.attempts) == (State.SENT, 1), d
+    assert len(server.connections) == 2
+    assert server.connections[0].messages == [body(1)]  # B's data went; C's never did
+    assert server.connections[1].messages == [body(3)]
+
+
+async def test_under_a_rate_a_session_carries_one_message_at_a_time(scripted: Starter) -> None:
+    """With a [sending] rate, nothing is chained, so a run keeps one message in flight a session.
+
+    A chained message would go without waiting for its turn; and rows claimed
+    for sends that cannot go would only wait (the crash bound stays 2 x).
+    """
+
+    async def script(connection: Connection, _number: int) -> None:
+        await serve_until_quit(connection)
+
+    server = await scripted(script)
+    paced = pool_for(server, connections=2, limiter=RateLimiter(100, {}))
+    free = pool_for(server, connections=2)
+    for transport in (paced, free):
+        await transport.open()
+        await transport.close()
+    assert (paced.in_flight, free.in_flight) == (2, 4)

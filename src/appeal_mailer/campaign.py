@@ -668,10 +668,10 @@ class CampaignRun:
         # way to the ledger, not just until its reply came: the place goes to a
         # claim that is committed with that result or after it (_GroupCommit
         # commits requests in order), so the ledger never holds more than `places`
-        # rows `sending` (3 x connections with PIPELINING, else 2 x), and a crash
+        # rows `sending` (3 x connections with PIPELINING and no rate, else 2 x), and a crash
         # leaves at most that many unknown, however far the ledger lags behind the
         # server. With two places a session instead of three, a send over a 10 ms
-        # round trip went 24 % slower: a message waiting for its claim leaves its
+        # round trip went 22 % slower: a message waiting for its claim leaves its
         # session without a message to follow the one before (bench/README.md).
         places = in_flight + self.transport.connections
         free = asyncio.Semaphore(places)

@@ -70,15 +70,14 @@ class RateLimiter:
             await self.acquire_domain(domain)
         self._recent.append(time.monotonic())
 
-    def unpaced(self, domain: str | None = None) -> bool:
-        """Whether a message may go now without waiting: no rate in force for it.
+    def take_unpaced(self) -> bool:
+        """Count a message that goes now, without waiting, if no global rate is in force.
 
-        True is counted as `acquire` counts a message. For a send that cannot
-        wait (the transport chains it in the same write as the message before).
+        False (and nothing counted) while a rate holds: the message must wait
+        for its turn (`acquire`). For a message the transport would send in the
+        same write as the one before it.
         """
         if self._global is not None:
-            return False
-        if domain is not None and self.limited_domain(domain) is not None:
             return False
         self._recent.append(time.monotonic())
         return True

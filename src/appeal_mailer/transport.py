@@ -75,7 +75,7 @@ class SMTPTransport:
         self._max_delay = sending.retry_max_delay
         self._limiter = limiter
         self.connections = smtp.connections
-        # Twice the sessions once open() has seen PIPELINING (see _attempt).
+        # Twice the sessions once open() has seen PIPELINING, and no rate (_end_data).
         self.in_flight = smtp.connections
         self._idle: list[_Session] = []
         self._all: set[_Session] = set()
@@ -95,9 +95,11 @@ class SMTPTransport:
         self._closed = False
         session = await self._connect()
         self._idle.append(session)
-        if session.pipelining:
+        if session.pipelining and self._limiter.configured_rate == 0:
             # Each session carries a message waiting for its final reply and the
-            # next one's envelope (_attempt): two messages in flight per session.
+            # next one's envelope (_end_data): two messages in flight per session.
+            # Not under a rate: a paced message is never chained (_chainable), and
+            # rows claimed for sends that could not go would only wait.
             self.in_flight = 2 * self.connections
 
     async def close(self) -> None:
@@ -147,7 +149,7 @@ class SMTPTransport:
         try:
             # The first attempt's domain pace was kept by whoever scheduled the
             # message (the campaign): only the global pace applies here.
-            reply = await self._attempt(envelope, None)
+            reply = await self._attempt(envelope)
         except TransientDeliveryError as exc:
             return await self._retry(envelope, attempts_allowed, exc)
         except DeliveryError as exc:
@@ -183,8 +185,11 @@ class SMTPTransport:
                     attempts += 1
                     if attempts == 1:
                         raise first  # made already, by send()
-                    # A retry is one more message to that domain: paced as such.
-                    reply = await self._attempt(envelope, domain)
+                    # A retry is one more message to that domain: paced as such,
+                    # before it looks for a session (holding one while its domain's
+                    # turn comes would keep it from every other message).
+                    await self._limiter.acquire_domain(domain)
+                    reply = await self._attempt(envelope)
         except DeliveryError as exc:
             if isinstance(exc, TransientDeliveryError) and attempts == 1:
                 self._limiter.slow_down()  # not counted yet: no retry was slept before
@@ -192,28 +197,27 @@ class SMTPTransport:
         self._limiter.succeeded()
         return _sent(envelope, attempts, reply)
 
-    async def _attempt(self, envelope: Envelope, domain: str | None) -> aiosmtplib.SMTPResponse:
-        """One attempt, paced (the global pace; `domain`'s own too, if given)."""
+    async def _attempt(self, envelope: Envelope) -> aiosmtplib.SMTPResponse:
+        """One attempt, at the global pace (a domain's own is kept by the caller)."""
         # Our addresses are validated ASCII already (lists.normalize_address).
         mail = b"MAIL FROM:<" + envelope.sender.encode("ascii") + b">\r\n"
         rcpt = b"RCPT TO:<" + envelope.recipient.encode("ascii") + b">\r\n"
         commands = mail + rcpt + b"DATA\r\n"
         while True:
             try:
-                session, answers = await self._session(commands, domain)
+                session, answers = await self._session(commands)
             except ServerError as exc:
                 if not exc.transient:
                     raise
                 raise TransientDeliveryError(
                     exc.message, recipient=envelope.recipient, code=exc.code, reply=exc.reply
                 ) from exc
-            chained = answers is not None
-            if not chained:
+            if answers is None:
                 # Paced only now that it has a session: a message that took its turn
                 # and then waited for a session would go out with those that took
                 # theirs later, in a burst (chained messages: _end_data).
                 try:
-                    await self._limiter.acquire(domain)
+                    await self._limiter.acquire()
                 except BaseException:
                     self._done_with(session, handed_on=False)
                     raise
@@ -223,12 +227,10 @@ class SMTPTransport:
             replies: list[aiosmtplib.SMTPResponse] = []
             after_dot = handed_on = False
             try:
-                if answers is not None:
-                    # Written already, behind the data of the message before (_end_data).
-                    replies = await session.take(answers)
-                else:
+                if answers is None:
                     replies = await _envelope(session, mail, rcpt)
-                if chained and not replies:
+                # Else written already, behind the data of the message before (_end_data).
+                elif not (replies := await session.take(answers)):
                     # The session ended with the message before this one (its final
                     # reply was a 421, or never came): nothing of this message was
                     # answered and its data was never sent, so this was no attempt.
@@ -260,7 +262,7 @@ class SMTPTransport:
             except asyncio.CancelledError:
                 # Its replies, if any are still to come, are dropped (take); the
                 # session goes once no earlier message still waits on it.
-                self._leave(session, handed_on)
+                self._leave(session)
                 raise
             except aiosmtplib.SMTPResponseException as exc:
                 if exc.code == 421:
@@ -298,17 +300,14 @@ class SMTPTransport:
             self._done_with(session, handed_on)
             return reply
 
-    async def _session(
-        self, commands: bytes, domain: str | None
-    ) -> tuple[_Session, _Replies | None]:
+    async def _session(self, commands: bytes) -> tuple[_Session, _Replies | None]:
         """A session for a message whose MAIL, RCPT and DATA are `commands`.
 
         An idle pooled session that is still connected, else a new one while
         there are fewer than `connections`; else wait for one to come free, or
         for a message to end its data on one with PIPELINING, which then sends
-        `commands` behind it (_end_data) if no pace holds this message back
-        (`domain`'s included). Then the wait for their replies comes too: the
-        session is chained.
+        `commands` behind it (_end_data) if no rate is in force. Then the wait
+        for their replies comes too: the session is chained.
         """
         while True:
             if self._closed:
@@ -334,7 +333,7 @@ class SMTPTransport:
                     self._drop(session)
                     raise self._ended()
                 return session, None
-            waiting = _Waiting(commands, domain, asyncio.get_running_loop().create_future())
+            waiting = _Waiting(commands, asyncio.get_running_loop().create_future())
             self._waiting.append(waiting)
             try:
                 handed = await waiting.future
@@ -347,7 +346,7 @@ class SMTPTransport:
                         self._wake()  # the wake meant for this send goes to the next
                     else:  # written for this send, which will not read their replies
                         given[0].abandon(given[1])
-                        self._leave(given[0], handed_on=False)
+                        self._leave(given[0])
                 raise
             if handed is not None:
                 return handed
@@ -373,20 +372,14 @@ class SMTPTransport:
         return own, True
 
     def _chainable(self) -> _Waiting | None:
-        """The first waiting send that may go now, taken from the queue; None if none may.
+        """The first waiting send, taken from the queue, if it may go now; else None.
 
-        Only a message no pace holds back: it goes without waiting, so a rate in
-        force (or its domain's) would be broken (RateLimiter.unpaced).
+        Only while no rate is in force (RateLimiter.take_unpaced): a chained
+        message goes without waiting for its turn, which would break the pace.
         """
-        if not self._chaining:
+        if not self._chaining or not self._waiting or not self._limiter.take_unpaced():
             return None
-        for waiting in list(self._waiting):
-            if waiting.future.done():
-                self._waiting.remove(waiting)
-            elif self._limiter.unpaced(waiting.domain):
-                self._waiting.remove(waiting)
-                return waiting
-        return None
+        return self._next_waiting()
 
     def _done_with(self, session: _Session, handed_on: bool) -> None:
         """A message's final reply is in: the session is idle, unless the next message has it."""
@@ -398,14 +391,15 @@ class SMTPTransport:
         self._idle.append(session)
         self._wake()
 
-    def _leave(self, session: _Session, handed_on: bool) -> None:
-        """A send that holds `session` is cancelled: whose is the session now?"""
-        if handed_on:
-            return  # the next message's, as it would have been
+    def _leave(self, session: _Session) -> None:
+        """A send that holds `session` is cancelled: a dead session leaves the pool.
+
+        A live one stays with whoever still waits on it: the next message (if
+        this one handed it on), or an earlier one still waiting for its final
+        reply, whose sender drops it once it fails on the abandoned wait.
+        """
         if not session.alive:
             self._drop(session)
-        # Else an earlier message still waits for its final reply on it; then the
-        # session fails (its next wait was abandoned) and that sender drops it.
 
     def _next_waiting(self) -> _Waiting | None:
         while self._waiting:
@@ -549,8 +543,8 @@ async def _envelope(session: _Session, mail: bytes, rcpt: bytes) -> list[aiosmtp
     """Send MAIL, RCPT and DATA; their replies, up to the first refusal or the session's end."""
     if session.pipelining:
         # RFC 2920 3.1: MAIL, RCPT and DATA go as one group, DATA last; every reply
-        # is still read and checked, in order. On a chained session they follow the
-        # message before, whose final reply comes first.
+        # is still read and checked, in order. (On a session that carries a message
+        # already, the next one's group goes with its data instead: _end_data.)
         session.write(mail + rcpt + b"DATA\r\n")
         return await session.replies(3)
     replies: list[aiosmtplib.SMTPResponse] = []
@@ -678,8 +672,9 @@ class _Session(asyncio.Protocol):
         """Wait for the next `count` replies after those already expected; see `take`.
 
         The wait's timer, `seconds` ([smtp] timeout by default), starts when the
-        replies expected before are in: each command's reply gets its own time
-        (RFC 5321 4.5.3.2), however long the message before took.
+        replies expected before are in: each wait (one command, or a pipelined
+        group) gets its own time (RFC 5321 4.5.3.2), however long the message
+        before took.
         """
         # No pause_writing/resume_writing: a session has two messages in flight at
         # most, and each writer waits for its replies anyway (under the timer), so
@@ -833,13 +828,12 @@ class _Waiting:
     """
 
     commands: bytes
-    domain: str | None
     future: asyncio.Future[tuple[_Session, _Replies] | None]
 
 
 @dataclass(slots=True)
 class _Wait:
-    """A wait for `count` replies (_Session.replies)."""
+    """A wait for `count` replies (_Session.expect)."""
 
     count: int
     seconds: float
