@@ -3,7 +3,9 @@
 The only module that imports aiosmtplib; its errors become ours here, once.
 A transport never re-sends a message whose final "." reached the server
 without a reply: that message's fate is unknown (RFC 1047), and it is
-reported as such instead of risking a second copy.
+reported as such instead of risking a second copy. With PIPELINING (RFC 2920)
+a session carries two messages at once: the next one's envelope goes in the
+same write as the data of the one before (SMTPTransport._end_data).
 """
 
 from __future__ import annotations
