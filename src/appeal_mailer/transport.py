@@ -141,7 +141,7 @@ class SMTPTransport:
                 steps.append(f"AUTH accepted for {self._smtp.username}")
             return steps
         finally:
-            await self._discard(session, polite=True)
+            await self._quit(session)
 
     async def send(self, envelope: Envelope, *, attempts_allowed: int) -> DeliveryResult:
         # Most messages go at their first attempt, and that one is made without
@@ -224,7 +224,7 @@ class SMTPTransport:
                     self._done_with(session, handed_on=False)
                     raise
                 if not session.ready:  # closed while the pace held it back: no attempt
-                    await self._discard(session, polite=False)
+                    self._drop(session)
                     continue
             replies: list[aiosmtplib.SMTPResponse] = []
             after_dot = handed_on = False
@@ -242,7 +242,7 @@ class SMTPTransport:
                         # follows the dot (against RFC 2920 3.1). No more chaining
                         # this run. (A slow reply to the message before is no sign.)
                         self._chaining = False
-                    await self._discard(session, polite=False)
+                    self._drop(session)
                     continue
                 await _check_envelope(session, envelope, replies)
                 # RFC 5321 4.1.1.4: the data ends with CRLF.CRLF. From the moment the
@@ -269,7 +269,7 @@ class SMTPTransport:
             except aiosmtplib.SMTPResponseException as exc:
                 if exc.code == 421:
                     # RFC 5321 3.8: 421 means the server is closing this session.
-                    await self._discard(session, polite=False)
+                    self._drop(session)
                 elif after_dot:
                     # Refused after the final dot: the transaction is over either way
                     # (RFC 5321 4.1.1.4 clears its buffers), so no RSET, which would
@@ -283,7 +283,7 @@ class SMTPTransport:
                     raise _sender_refused(self._smtp, envelope.sender, exc) from exc
                 raise _delivery_error(envelope, exc.code, exc.message) from exc
             except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
-                await self._discard(session, polite=False)
+                self._drop(session)
                 detail = str(exc) or type(exc).__name__
                 if after_dot:
                     raise DeliveryError(
@@ -321,7 +321,7 @@ class SMTPTransport:
                 # Closed by the server while idle (its timeout, RFC 5321 4.5.3.2.7), or
                 # it said something unasked (a 421 before closing): not a delivery
                 # failure, so it must not use up one of the message's attempts.
-                await self._discard(session, polite=False)
+                self._drop(session)
             if len(self._all) + self._opening < self.connections:
                 self._opening += 1
                 try:
@@ -520,12 +520,12 @@ class SMTPTransport:
                 # session, ended by the abandoned reply (take), leaves the pool here.
                 self._drop(session)
                 raise
-        await self._discard(session, polite=False)
+        self._drop(session)
 
-    async def _discard(self, session: _Session, *, polite: bool) -> None:
-        if polite:
-            self._all.discard(session)
-            await session.quit()
+    async def _quit(self, session: _Session) -> None:
+        """QUIT `session` politely (out of the pool meanwhile), then close it."""
+        self._all.discard(session)
+        await session.quit()
         self._drop(session)
 
     def _drop(self, session: _Session) -> None:
