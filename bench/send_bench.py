@@ -356,9 +356,7 @@ class SmtpSink:
             # smtp-sink refuses to run as root without dropping privileges.
             command += ["-u", "nobody"]
         command += [f"{HOST}:{self.port}", "1000"]
-        timeout = shutil.which("timeout")
-        if timeout:
-            command = [timeout, "-k", "5", str(int(self._lifetime)), *command]
+        command = _bounded(command, self._lifetime)
         with self._counters.open("wb") as out, self._errors.open("wb") as err:
             self._process = subprocess.Popen(
                 command, stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True
@@ -411,15 +409,28 @@ class SmtpSink:
             time.sleep(0.05)
 
     def stop(self) -> None:
-        process = self._process
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(SINK_STOP_SECONDS)
-        except subprocess.TimeoutExpired:
-            _kill_group(process.pid)
-            process.wait(SINK_STOP_SECONDS)
+        _stop(self._process)
+
+
+def _bounded(command: list[str], lifetime: float) -> list[str]:
+    """`command` under timeout(1) when installed, to end by itself after `lifetime` s.
+
+    So it ends even if this script is killed without a chance to stop it.
+    """
+    timeout = shutil.which("timeout")
+    return [timeout, "-k", "5", str(int(lifetime)), *command] if timeout else command
+
+
+def _stop(process: subprocess.Popen[bytes] | None) -> None:
+    """TERM a server this script started, then KILL its process group if it lingers."""
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(SINK_STOP_SECONDS)
+    except subprocess.TimeoutExpired:
+        _kill_group(process.pid)
+        process.wait(SINK_STOP_SECONDS)
 
 
 def _tool(name: str) -> str:
@@ -699,16 +710,10 @@ class DelayProxy:
 
     def __init__(self, target: int, one_way_ms: float, workdir: Path, lifetime: float) -> None:
         self.port = free_port()
-        self._command = [
-            sys.executable,
-            str(Path(__file__).with_name("delay_proxy.py")),
-            str(self.port),
-            str(target),
-            str(one_way_ms),
-        ]
-        timeout = shutil.which("timeout")
-        if timeout:
-            self._command = [timeout, "-k", "5", str(int(lifetime)), *self._command]
+        script = Path(__file__).with_name("delay_proxy.py")
+        self._command = _bounded(
+            [sys.executable, str(script), str(self.port), str(target), str(one_way_ms)], lifetime
+        )
         self._errors = workdir / "delay-proxy.err"
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -730,13 +735,7 @@ class DelayProxy:
         return self
 
     def __exit__(self, *_exc: object) -> None:
-        if self._process is not None and self._process.poll() is None:
-            self._process.terminate()
-            try:
-                self._process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
+        _stop(self._process)
 
 
 class Bench:
