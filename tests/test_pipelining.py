@@ -817,6 +817,30 @@ async def greet(connection: Connection) -> None:
     await connection.reply(EHLO_PIPELINING.rstrip(b"\r\n"))
 
 
+async def cancel_the_first_then_send_another(
+    transport: SMTPTransport, reached: asyncio.Event
+) -> DeliveryResult:
+    """Send message 1, cancel it once the server has `reached` its point, then send message 2.
+
+    Returns message 2's result. Every wait is the test's own guard against a
+    hang (the bugs these tests pin down left message 2 waiting for ever).
+    """
+    await transport.open()
+    try:
+        first = asyncio.create_task(
+            transport.send(envelope(1, "a@example.org"), attempts_allowed=1)
+        )
+        await asyncio.wait_for(reached.wait(), 5)
+        first.cancel()
+        await asyncio.wait({first}, timeout=5)
+        assert first.cancelled()
+        return await asyncio.wait_for(
+            transport.send(envelope(2, "b@example.org"), attempts_allowed=1), 5
+        )
+    finally:
+        await transport.close()
+
+
 async def test_a_send_cancelled_mid_transaction_frees_its_place_in_the_pool(
     scripted: Starter,
 ) -> None:
@@ -841,22 +865,7 @@ async def test_a_send_cancelled_mid_transaction_frees_its_place_in_the_pool(
         ended.append(await connection.reader.read())  # until the client closes
 
     server = await scripted(script)
-    transport = pool_for(server, timeout=30)
-    await transport.open()
-    try:
-        first = asyncio.create_task(
-            transport.send(envelope(1, "a@example.org"), attempts_allowed=1)
-        )
-        await asyncio.wait_for(group_in.wait(), 5)  # the test's own guard against a hang
-        first.cancel()
-        await asyncio.wait({first}, timeout=5)
-        assert first.cancelled()
-        # The test's own guard against a hang (the bug: this send waited for ever).
-        second = await asyncio.wait_for(
-            transport.send(envelope(2, "b@example.org"), attempts_allowed=1), 5
-        )
-    finally:
-        await transport.close()
+    second = await cancel_the_first_then_send_another(pool_for(server, timeout=30), group_in)
     assert (second.state, second.attempts) == (State.SENT, 1), second
     assert len(server.connections) == 2
     assert ended == [b""]  # the first session was closed, with no data sent on it
@@ -1152,22 +1161,7 @@ async def test_a_send_cancelled_while_its_rset_is_unanswered_frees_its_place_in_
         await connection.reader.read()  # until the client closes
 
     server = await raw(handler)
-    transport = pool_for(server, timeout=30)
-    await transport.open()
-    try:
-        first = asyncio.create_task(
-            transport.send(envelope(1, "a@example.org"), attempts_allowed=1)
-        )
-        await asyncio.wait_for(rset_in.wait(), 5)  # the test's own guard against a hang
-        first.cancel()
-        await asyncio.wait({first}, timeout=5)
-        assert first.cancelled()
-        # The test's own guard against a hang (the bug: this send waited for ever).
-        second = await asyncio.wait_for(
-            transport.send(envelope(2, "b@example.org"), attempts_allowed=1), 5
-        )
-    finally:
-        await transport.close()
+    second = await cancel_the_first_then_send_another(pool_for(server, timeout=30), rset_in)
     assert (second.state, second.attempts) == (State.SENT, 1), second
     assert len(server.connections) == 2
     assert server.connections[1].messages == [body(2)]
@@ -1496,6 +1490,17 @@ async def serve_greylisting_once(
         await connection.reply(b"250 2.0.0 queued")
 
 
+async def greylisting_server(scripted: Starter) -> tuple[ScriptedServer, list[tuple[float, str]]]:
+    """A scripted server that runs serve_greylisting_once; its log of (time, recipient)."""
+    greylisted: set[str] = set()
+    log: list[tuple[float, str]] = []
+
+    async def script(connection: Connection, _number: int) -> None:
+        await serve_greylisting_once(connection, greylisted, log)
+
+    return await scripted(script), log
+
+
 async def test_a_retry_waits_for_its_domains_pace_without_holding_a_session(
     scripted: Starter,
 ) -> None:
@@ -1504,13 +1509,7 @@ async def test_a_retry_waits_for_its_domains_pace_without_holding_a_session(
     Only then does it take a session: waiting with the only session in hand
     ([smtp] connections = 1) would hold every other message back for 2 s.
     """
-    greylisted: set[str] = set()
-    log: list[tuple[float, str]] = []
-
-    async def script(connection: Connection, _number: int) -> None:
-        await serve_greylisting_once(connection, greylisted, log)
-
-    server = await scripted(script)
+    server, log = await greylisting_server(scripted)
     limiter = RateLimiter(0, {"slow.example": 0.5})
     transport = pool_for(server, connections=1, timeout=10, limiter=limiter)
     await transport.open()
@@ -1550,13 +1549,7 @@ async def test_a_retry_to_a_limited_domain_is_not_left_behind_chained_messages(
     and went out last of 200. Taking the domain's turn before looking for a
     session makes it a message like the others.
     """
-    greylisted: set[str] = set()
-    log: list[tuple[float, str]] = []
-
-    async def script(connection: Connection, _number: int) -> None:
-        await serve_greylisting_once(connection, greylisted, log)
-
-    server = await scripted(script)
+    server, log = await greylisting_server(scripted)
     limiter = RateLimiter(0, {"slow.example": 1000})
     transport = pool_for(server, connections=2, timeout=10, limiter=limiter)
     await transport.open()
